@@ -1,0 +1,183 @@
+"""``StampConfig``: the frozen, versioned, JSON round-trippable description of one STaMP policy.
+
+Defaults are the paper's: Haar along the sequence with as many levels as make the approximation
+band about ``high_tokens`` (64) tokens, the first 64 transformed tokens at 8 bits and the rest at 4,
+per-token asymmetric min-max. ``sink_tokens`` leading positions are kept out of the transform and
+quantized at ``high_bits``; they count inside the ``high_tokens`` budget (STAMP.md section 5).
+``sink_tokens=None`` means "auto": 1 for causal language models, 0 otherwise (resolved by the
+caller that knows the model, see :meth:`StampConfig.resolved_sink_tokens`).
+
+Every field is validated on construction; mistakes raise ``ValueError`` naming the field and the
+valid choices. ``from_dict`` rejects unknown keys and configs from a newer schema version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .quantizer import MAX_BITS, MIN_BITS, TokenBits, validate_bits
+from .transforms import SequenceTransform, available_transforms, make_transform
+
+__all__ = ["CONFIG_VERSION", "StampConfig"]
+
+CONFIG_VERSION = 1
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True, slots=True)
+class StampConfig:
+    """One STaMP policy (see the module docstring). All fields are keyword arguments."""
+
+    transform: str = "haar"
+    """Sequence transform name: one of ``stamp_fx.available_transforms()``."""
+    levels: int | None = None
+    """Decomposition levels for haar/haar2d; None picks them so the approximation band is
+    about ``high_tokens`` tokens."""
+    grid: tuple[int, int] | None = None
+    """Token grid (height, width) for haar2d; None lets the caller supply it per site."""
+    high_tokens: int = 64
+    """Leading transformed tokens (sinks included) quantized at ``high_bits``."""
+    high_bits: int = 8
+    low_bits: int = 4
+    sink_tokens: int | None = None
+    """Leading raw positions kept out of the transform at ``high_bits``; None = auto."""
+    symmetric: bool = False
+    group_size: int | None = None
+    """Channels per quantization group; None = one range per token."""
+    allowed_bits: tuple[int, ...] = (4, 8)
+    """Bit widths the solver may assign."""
+    avg_bits: float | None = None
+    """Average-bit budget for the Theorem-1 solver; None = the first-``high_tokens`` rule."""
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        if self.transform not in available_transforms():
+            raise ValueError(
+                f"transform: unknown {self.transform!r}; valid: {', '.join(available_transforms())}"
+            )
+        if self.levels is not None and (not _is_int(self.levels) or not 0 <= self.levels <= 20):
+            raise ValueError(f"levels: must be None (auto) or an int in 0..20, got {self.levels!r}")
+        if self.grid is not None:
+            grid = tuple(self.grid) if isinstance(self.grid, (list, tuple)) else None
+            if grid is None or len(grid) != 2 or not all(_is_int(g) and g > 0 for g in grid):
+                raise ValueError(
+                    f"grid: must be None or (height, width) positive ints, got {self.grid!r}"
+                )
+            object.__setattr__(self, "grid", grid)
+        if not _is_int(self.high_tokens) or self.high_tokens < 0:
+            raise ValueError(f"high_tokens: must be a non-negative int, got {self.high_tokens!r}")
+        validate_bits(self.high_bits, "high_bits")
+        validate_bits(self.low_bits, "low_bits")
+        if self.low_bits > self.high_bits:
+            raise ValueError(
+                f"low_bits ({self.low_bits}) must not exceed high_bits ({self.high_bits})"
+            )
+        if self.sink_tokens is not None:
+            if not _is_int(self.sink_tokens) or self.sink_tokens < 0:
+                raise ValueError(
+                    f"sink_tokens: must be None (auto) or a non-negative int, got {self.sink_tokens!r}"
+                )
+            if self.sink_tokens > self.high_tokens:
+                raise ValueError(
+                    f"sink_tokens ({self.sink_tokens}) count inside the high-precision budget and "
+                    f"must not exceed high_tokens ({self.high_tokens})"
+                )
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric: must be True or False, got {self.symmetric!r}")
+        if self.group_size is not None and (not _is_int(self.group_size) or self.group_size <= 0):
+            raise ValueError(
+                f"group_size: must be None (per token) or a positive int, got {self.group_size!r}"
+            )
+        allowed = self.allowed_bits
+        if not isinstance(allowed, (list, tuple)) or not allowed:
+            raise ValueError(
+                f"allowed_bits: must be a non-empty list of ints in {MIN_BITS}..{MAX_BITS}"
+            )
+        allowed = tuple(sorted({validate_bits(b, "allowed_bits[i]") for b in allowed}))
+        object.__setattr__(self, "allowed_bits", allowed)
+        if self.avg_bits is not None:
+            if (
+                isinstance(self.avg_bits, bool)
+                or not isinstance(self.avg_bits, (int, float))
+                or not math.isfinite(self.avg_bits)
+            ):
+                raise ValueError(f"avg_bits: must be None or a number, got {self.avg_bits!r}")
+            if not allowed[0] <= self.avg_bits <= allowed[-1]:
+                raise ValueError(
+                    f"avg_bits: {self.avg_bits} is outside the range of allowed_bits "
+                    f"{list(allowed)} ({allowed[0]}..{allowed[-1]})"
+                )
+            object.__setattr__(self, "avg_bits", float(self.avg_bits))
+        if self.version != CONFIG_VERSION:
+            raise ValueError(
+                f"version: this stamp-fx reads config version {CONFIG_VERSION}, got {self.version!r}"
+            )
+
+    # -- derived views ---------------------------------------------------------------------
+    def token_bits(self) -> TokenBits:
+        """The first-``high_tokens`` rule as a compact bit vector."""
+        return TokenBits(self.high_tokens, self.high_bits, self.low_bits)
+
+    def resolved_sink_tokens(self, *, causal: bool) -> int:
+        """``sink_tokens`` with "auto" resolved: 1 for a causal LM, else 0 (never above high_tokens)."""
+        if self.sink_tokens is not None:
+            return self.sink_tokens
+        return min(1 if causal else 0, self.high_tokens)
+
+    def make_transform(
+        self, *, grid: tuple[int, int] | None = None, **params: Any
+    ) -> SequenceTransform:
+        """Instantiate the sequence transform (``grid`` overrides the config's for haar2d;
+        ``params`` such as ``autocorr`` for klt are passed through)."""
+        target = max(1, self.high_tokens)
+        if self.transform == "haar":
+            return make_transform("haar", levels=self.levels, target=target)
+        if self.transform == "haar2d":
+            return make_transform(
+                "haar2d", grid=grid or self.grid, levels=self.levels, target=target
+            )
+        return make_transform(self.transform, **params)
+
+    def replace(self, **changes: Any) -> StampConfig:
+        return dataclasses.replace(self, **changes)
+
+    # -- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StampConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"StampConfig.from_dict takes a dict, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown StampConfig key(s) {unknown}; valid keys: {', '.join(cls.field_names())}"
+            )
+        kwargs = dict(data)
+        for key in ("grid", "allowed_bits"):
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+    def to_json(self, **json_kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, **json_kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> StampConfig:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,191 @@
+"""Per-token (and per-group) min-max fake quantization with a bit width per token.
+
+Pure functions. Layout convention: the *last* dim holds the features that one scale covers (all
+of them per token, or groups of ``group_size`` channels); ``token_dim`` is the sequence axis along
+which bit widths may vary; every other dim is a batch dim.
+
+* Asymmetric (default): ``lo = min``, ``scale = (max - min) / (2**b - 1)``,
+  ``code = round((x - lo) / scale)`` in ``0 .. 2**b - 1``, ``x_hat = code * scale + lo``.
+  The zero point is the float offset ``lo`` (an integer kernel applies it as the rank-1
+  correction ``lo * colsum(W)``), so every element is within half a step of its input.
+* Symmetric: ``scale = max|x| / (2**(b-1) - 1)``, ``code`` in ``-(2**(b-1)-1) .. 2**(b-1)-1``.
+
+Scales and offsets are float32 whatever the input dtype (float64 input stays float64, for
+oracles). A constant token or an all-zero padding token has ``scale == 0``; it is clamped to the
+smallest normal float so it never divides by zero and dequantizes exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MIN_BITS",
+    "MAX_BITS",
+    "TokenBits",
+    "BitsSpec",
+    "validate_bits",
+    "token_bit_vector",
+    "QuantParams",
+    "compute_qparams",
+    "quantize",
+    "dequantize",
+    "fake_quant",
+]
+
+MIN_BITS, MAX_BITS = 2, 16
+
+
+def validate_bits(bits: object, what: str = "bits") -> int:
+    """Return ``bits`` as an int, or raise ValueError unless it is an integer in 2..16."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        if isinstance(bits, float) and bits.is_integer():
+            raise ValueError(f"{what} must be an int in {MIN_BITS}..{MAX_BITS}, got float {bits!r}")
+        raise ValueError(f"{what} must be an int in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{what} must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    return bits
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBits:
+    """Compact bit vector: the first ``high_tokens`` tokens at ``high_bits``, the rest at
+    ``low_bits`` (the paper's rule is ``TokenBits(64, 8, 4)``)."""
+
+    high_tokens: int
+    high_bits: int = 8
+    low_bits: int = 4
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.high_tokens, bool)
+            or not isinstance(self.high_tokens, int)
+            or self.high_tokens < 0
+        ):
+            raise ValueError(f"high_tokens must be a non-negative int, got {self.high_tokens!r}")
+        validate_bits(self.high_bits, "high_bits")
+        validate_bits(self.low_bits, "low_bits")
+
+    def vector(self, length: int) -> list[int]:
+        k = min(self.high_tokens, length)
+        return [self.high_bits] * k + [self.low_bits] * (length - k)
+
+    def average(self, length: int) -> float:
+        return sum(self.vector(length)) / max(1, length)
+
+
+BitsSpec = int | TokenBits | Sequence[int] | Tensor
+"""One width for every token, the compact first-k form, or one width per token."""
+
+
+def token_bit_vector(bits: BitsSpec, length: int) -> list[int]:
+    """Expand any :data:`BitsSpec` to a validated list of ``length`` ints."""
+    if isinstance(bits, TokenBits):
+        return bits.vector(length)
+    if isinstance(bits, Tensor):
+        if bits.is_floating_point() or bits.ndim != 1:
+            raise ValueError("a bits tensor must be a 1-D integer tensor (one width per token)")
+        bits = bits.tolist()
+    if not isinstance(bits, Sequence) or isinstance(bits, str):
+        return [validate_bits(bits)] * length  # a scalar (or a wrong type: the error says so)
+    vec = [validate_bits(b, "bits[i]") for b in bits]
+    if len(vec) != length:
+        raise ValueError(f"bits has {len(vec)} entries but the sequence has {length} tokens")
+    return vec
+
+
+@dataclass(frozen=True, slots=True)
+class QuantParams:
+    """Per-(token, group) scale and offset, float32, shaped like the input with the feature
+    dim split into ``[n_groups, 1]``; ``qmin``/``qmax`` broadcast against them."""
+
+    scale: Tensor
+    offset: Tensor
+    qmin: Tensor
+    qmax: Tensor
+    symmetric: bool
+
+
+def _param_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped(x: Tensor, group_size: int | None) -> Tensor:
+    """View ``x`` as [..., n_groups, group] (one group of all features when ``group_size`` is None)."""
+    d = x.shape[-1]
+    if group_size is None:
+        return x.unsqueeze(-2)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(
+            f"group_size must be a positive int or None (per token), got {group_size!r}"
+        )
+    if d % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the feature dim {d}")
+    return x.unflatten(-1, (d // group_size, group_size))
+
+
+def _bits_tensor(bits: BitsSpec, x: Tensor, token_dim: int) -> Tensor:
+    """Bits as a float tensor broadcastable against the grouped view [..., n_groups, 1]."""
+    token_dim = token_dim % x.ndim
+    if token_dim == x.ndim - 1:
+        raise ValueError("token_dim must not be the feature (last) dim")
+    vec = token_bit_vector(bits, x.shape[token_dim])
+    shape = [1] * (x.ndim + 1)
+    shape[token_dim] = len(vec)
+    return torch.tensor(vec, dtype=_param_dtype(x.dtype), device=x.device).view(shape)
+
+
+def compute_qparams(
+    x: Tensor,
+    bits: BitsSpec,
+    *,
+    token_dim: int = -2,
+    symmetric: bool = False,
+    group_size: int | None = None,
+) -> QuantParams:
+    """Min-max scales/offsets for ``x`` (see the module docstring for the layout)."""
+    pdt = _param_dtype(x.dtype)
+    g = _grouped(x, group_size).to(pdt)
+    b = _bits_tensor(bits, x, token_dim)
+    tiny = torch.finfo(pdt).tiny
+    if symmetric:
+        qmax = torch.exp2(b - 1) - 1
+        amax = g.abs().amax(-1, keepdim=True)
+        scale = (amax / qmax).clamp_min(tiny)
+        return QuantParams(scale, torch.zeros_like(scale), -qmax, qmax, True)
+    qmax = torch.exp2(b) - 1
+    lo = g.amin(-1, keepdim=True)
+    hi = g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / qmax).clamp_min(tiny)
+    return QuantParams(scale, lo, torch.zeros_like(qmax), qmax, False)
+
+
+def quantize(x: Tensor, params: QuantParams, *, group_size: int | None = None) -> Tensor:
+    """Integer codes (as float values in the parameter dtype), grouped layout [..., n_groups, G]."""
+    g = _grouped(x, group_size).to(params.scale.dtype)
+    codes = torch.round((g - params.offset) / params.scale)
+    return torch.minimum(torch.maximum(codes, params.qmin), params.qmax)
+
+
+def dequantize(codes: Tensor, params: QuantParams, dtype: torch.dtype) -> Tensor:
+    """``codes * scale + offset`` back in the ungrouped layout and ``dtype``."""
+    return (codes * params.scale + params.offset).flatten(-2).to(dtype)
+
+
+def fake_quant(
+    x: Tensor,
+    bits: BitsSpec,
+    *,
+    token_dim: int = -2,
+    symmetric: bool = False,
+    group_size: int | None = None,
+) -> Tensor:
+    """Quantize then dequantize ``x`` with per-token (per-group) min-max ranges."""
+    params = compute_qparams(
+        x, bits, token_dim=token_dim, symmetric=symmetric, group_size=group_size
+    )
+    return dequantize(quantize(x, params, group_size=group_size), params, x.dtype)

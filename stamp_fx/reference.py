@@ -1,0 +1,189 @@
+"""THE SPEC: pure-PyTorch STaMP fake quantization. Every faster path is tested against it.
+
+``stamp_fake_quant_ref(x)`` with ``s = sink_tokens`` and transform ``T`` along ``seq_dim``:
+
+1. split the sequence into the first ``s`` raw positions (attention sinks) and the rest;
+2. ``z = concat(x[:s], T(x[s:]))``: the "quantized token sequence" of ``s + T.coefficient_length(S - s)``
+   tokens (sinks first, then the transformed tokens, low frequencies first);
+3. fake-quantize ``z`` per token (per group) with the bit vector ``bits`` laid over that sequence,
+   so ``TokenBits(64, 8, 4)`` puts the sinks and the first ``64 - s`` coefficients at 8 bits;
+4. return ``concat(z_hat[:s], T^-1(z_hat[s:]))`` cropped to ``S`` tokens, in ``x``'s dtype.
+
+float16/bfloat16 inputs are computed in float32 throughout and rounded once at the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .config import StampConfig
+from .quantizer import BitsSpec, TokenBits, fake_quant, token_bit_vector
+from .transforms import SequenceTransform, make_transform
+
+PAPER_BITS = TokenBits(64, 8, 4)
+"""The paper's rule: the first 64 transformed tokens at 8 bits, the rest at 4."""
+
+__all__ = [
+    "PAPER_BITS",
+    "stamp_fake_quant_ref",
+    "stamp_fake_quant_config_ref",
+    "transformed_tokens",
+    "transformed_token_energies",
+    "theorem1_bound",
+    "sqnr_db",
+]
+
+
+def _as_transform(transform: str | SequenceTransform) -> SequenceTransform:
+    return make_transform(transform) if isinstance(transform, str) else transform
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_sinks(sink_tokens: int) -> None:
+    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be a non-negative int, got {sink_tokens!r}")
+
+
+def transformed_tokens(
+    x: Tensor,
+    transform: str | SequenceTransform = "haar",
+    *,
+    sink_tokens: int = 0,
+    seq_dim: int = -2,
+) -> Tensor:
+    """Step 2 of the spec: ``concat(x[:s], T(x[s:]))`` along ``seq_dim`` in the working dtype."""
+    _check_sinks(sink_tokens)
+    t = _as_transform(transform)
+    xw = x.to(_work_dtype(x.dtype))
+    s = min(sink_tokens, x.shape[seq_dim])
+    sinks, rest = xw.split([s, x.shape[seq_dim] - s], seq_dim)
+    if rest.shape[seq_dim] == 0:
+        return sinks
+    return torch.cat([sinks, t.forward(rest, seq_dim)], seq_dim)
+
+
+def _untransform(z: Tensor, t: SequenceTransform, sinks: int, length: int, seq_dim: int) -> Tensor:
+    if length == sinks:
+        return z
+    head, coeffs = z.split([sinks, z.shape[seq_dim] - sinks], seq_dim)
+    return torch.cat([head, t.inverse(coeffs, seq_dim, length=length - sinks)], seq_dim)
+
+
+def stamp_fake_quant_ref(
+    x: Tensor,
+    *,
+    transform: str | SequenceTransform = "haar",
+    bits: BitsSpec = PAPER_BITS,
+    sink_tokens: int = 0,
+    symmetric: bool = False,
+    group_size: int | None = None,
+    seq_dim: int = -2,
+) -> Tensor:
+    """STaMP fake quantization of ``x`` (features in the last dim); see the module docstring.
+
+    ``bits`` is an int, a :class:`TokenBits` or one width per token of the quantized sequence
+    (``sink_tokens + transform.coefficient_length(S - sink_tokens)`` entries).
+    """
+    seq_dim = seq_dim % x.ndim
+    if seq_dim == x.ndim - 1:
+        raise ValueError("seq_dim must not be the feature (last) dim")
+    t = _as_transform(transform)
+    length = x.shape[seq_dim]
+    s = min(sink_tokens, length)
+    z = transformed_tokens(x, t, sink_tokens=s, seq_dim=seq_dim)
+    z_hat = fake_quant(z, bits, token_dim=seq_dim, symmetric=symmetric, group_size=group_size)
+    return _untransform(z_hat, t, s, length, seq_dim).to(x.dtype)
+
+
+def stamp_fake_quant_config_ref(
+    x: Tensor,
+    config: StampConfig,
+    *,
+    seq_dim: int = -2,
+    causal: bool = False,
+    grid: tuple[int, int] | None = None,
+    bits: BitsSpec | None = None,
+    **transform_params,
+) -> Tensor:
+    """:func:`stamp_fake_quant_ref` with every choice taken from a :class:`StampConfig`.
+
+    ``bits`` defaults to the config's first-``high_tokens`` rule. A config with ``avg_bits``
+    (solver budget) needs its allocation passed in as ``bits``, since energies come from
+    calibration (``stamp_fx.solve_token_bits``), not from the input being quantized.
+    """
+    if bits is None:
+        if config.avg_bits is not None:
+            raise ValueError(
+                "config.avg_bits asks for solver-allocated bits: pass bits= (for example "
+                "stamp_fx.solve_token_bits(energies, config.avg_bits, config.allowed_bits))"
+            )
+        bits = config.token_bits()
+    return stamp_fake_quant_ref(
+        x,
+        transform=config.make_transform(grid=grid, **transform_params),
+        bits=bits,
+        sink_tokens=config.resolved_sink_tokens(causal=causal),
+        symmetric=config.symmetric,
+        group_size=config.group_size,
+        seq_dim=seq_dim,
+    )
+
+
+def transformed_token_energies(
+    x: Tensor,
+    transform: str | SequenceTransform = "haar",
+    *,
+    sink_tokens: int = 0,
+    seq_dim: int = -2,
+) -> Tensor:
+    """``e_i = ||z_i||^2`` summed over every dim but ``seq_dim`` (float64), for the solver."""
+    z = transformed_tokens(x, transform, sink_tokens=sink_tokens, seq_dim=seq_dim).to(torch.float64)
+    seq_dim = seq_dim % x.ndim
+    dims = [d for d in range(z.ndim) if d != seq_dim]
+    return z.square().sum(dims) if dims else z.square()
+
+
+def theorem1_bound(
+    x: Tensor,
+    *,
+    transform: str | SequenceTransform = "haar",
+    bits: BitsSpec = PAPER_BITS,
+    sink_tokens: int = 0,
+    symmetric: bool = False,
+    group_size: int | None = None,
+    seq_dim: int = -2,
+) -> float:
+    """Upper bound on ``||stamp_fake_quant_ref(x) - x||^2`` (summed over the batch).
+
+    Asymmetric (Theorem 1): ``(d/2) * sum_i e_i / (2**b_i - 1)**2`` with ``d`` the features per
+    range (``group_size`` or the feature dim). Per range the error is at most ``d`` half-steps
+    squared and ``(max - min)**2 <= 2 * ||range||**2``; an orthonormal inverse (and cropping)
+    never increases the error norm. Symmetric: ``(d/4) * sum_i e_i / (2**(b_i-1) - 1)**2``.
+    """
+    t = _as_transform(transform)
+    energies = transformed_token_energies(x, t, sink_tokens=sink_tokens, seq_dim=seq_dim)
+    vec = token_bit_vector(bits, energies.numel())
+    d = group_size or x.shape[-1]
+    total = 0.0
+    for e, b in zip(energies.tolist(), vec, strict=True):
+        total += e / ((2 ** (b - 1) - 1) ** 2 * 4) if symmetric else e / (2 * (2**b - 1) ** 2)
+    return d * total
+
+
+def sqnr_db(reference: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(||ref||^2 / ||ref - approx||^2)`` in dB
+    (float64; ``inf`` when they are equal)."""
+    ref = reference.to(torch.float64)
+    noise = (ref - approx.to(torch.float64)).square().sum().item()
+    signal = ref.square().sum().item()
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)

@@ -1,0 +1,31 @@
+"""Every numeric tolerance of the test suite, in one table (DESIGN.md section 5)."""
+
+import torch
+
+# Transform round trip / energy preservation, relative to the input's max magnitude (or norm).
+ROUND_TRIP_RTOL = {
+    torch.float64: 1e-12,
+    torch.float32: 2e-6,
+    # bf16/fp16 results are rounded once to the storage dtype on the way out and once more on
+    # the way back in: two half-ulp roundings of the largest element.
+    torch.bfloat16: 2 * 2.0**-8,
+    torch.float16: 2 * 2.0**-11,
+}
+
+# Energy preservation of forward transforms, relative to ||x||^2.
+ENERGY_RTOL = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.bfloat16: 2e-2,
+    torch.float16: 4e-3,
+}
+
+# Quantization error per element: at most half a step, plus float32 rounding of the
+# dequantized value (a few ulps of the value's magnitude).
+HALF_STEP_SLACK_ULPS = 4
+
+# Fake quant applied twice differs from once by float32 rounding only.
+IDEMPOTENT_RTOL = 1e-5
+
+# 16-bit fake quant must reach at least this SQNR (dB) on Gaussian data in float32/float64.
+SQNR_FLOOR_16BIT_DB = 80.0
