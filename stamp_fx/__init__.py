@@ -1,7 +1,9 @@
 """stamp-fx: STaMP sequence-transform mixed-precision activation quantization for torch.compile.
 
-The numerical core (this release): sequence transforms, the per-token quantizer, the Theorem-1
-bit-allocation solvers, ``StampConfig`` and the pure-PyTorch reference (the spec).
+``torch.compile(model, backend="stamp", options={...})`` (or ``backend=StampCompiler(config)``)
+inserts STaMP fake quantization in front of every linear layer of the transformer blocks.
+The numerical core (transforms, quantizer, Theorem-1 solvers, ``StampConfig``) and the
+pure-PyTorch reference (the spec) are public too.
 """
 
 from .allocation import (
@@ -17,9 +19,13 @@ from .allocation import (
     solve_band_bits,
     solve_token_bits,
 )
+from .api import calibrate, explain
+from .backend import CompileRecord, StampCompiler, stamp_backend
 from .config import CONFIG_VERSION, StampConfig
+from .plan import AllocationPlan, SitePolicy, load_plan
 from .quantizer import TokenBits, compute_qparams, dequantize, fake_quant, quantize
 from .reference import (
+    apply_plan_eager,
     sqnr_db,
     stamp_fake_quant_config_ref,
     stamp_fake_quant_ref,
@@ -38,6 +44,15 @@ from .transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AllocationPlan",
+    "CompileRecord",
+    "SitePolicy",
+    "StampCompiler",
+    "apply_plan_eager",
+    "calibrate",
+    "explain",
+    "load_plan",
+    "stamp_backend",
     "CONFIG_VERSION",
     "DEFAULT_ALLOWED_BITS",
     "LayerCurve",

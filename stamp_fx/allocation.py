@@ -179,6 +179,22 @@ class SpectralBitPlan:
         return {"edges": list(self.edges), "bits": list(self.bits)}
 
     @classmethod
+    def from_token_bits(cls, bits: Sequence[int]) -> SpectralBitPlan:
+        """The plan whose ``token_bits(len(bits))`` is exactly ``bits`` (one band per run)."""
+        if not bits:
+            raise ValueError("from_token_bits needs at least one token")
+        n = len(bits)
+        edges, widths = [], []
+        for i, b in enumerate(bits):
+            if widths and widths[-1] == b:
+                edges[-1] = (i + 1) / n
+            else:
+                edges.append((i + 1) / n)
+                widths.append(b)
+        edges[-1] = 1.0
+        return cls(tuple(edges), tuple(widths))
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Sequence]) -> SpectralBitPlan:
         return cls(tuple(data["edges"]), tuple(data["bits"]))
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .quantizer import MAX_BITS, MIN_BITS, TokenBits, validate_bits
 from .transforms import SequenceTransform, available_transforms, make_transform
 
-__all__ = ["CONFIG_VERSION", "StampConfig"]
+__all__ = ["CONFIG_VERSION", "POLICY_FIELDS", "StampConfig", "BackendOptions", "from_options"]
 
 CONFIG_VERSION = 1
 
@@ -55,6 +56,15 @@ class StampConfig:
     """Bit widths the solver may assign."""
     avg_bits: float | None = None
     """Average-bit budget for the Theorem-1 solver; None = the first-``high_tokens`` rule."""
+    quantize_kv: bool = False
+    """Also quantize keys and values at the attention input along the sequence (KV4.125)."""
+    enabled: bool = True
+    """False compiles the model without inserting any quantization (a control run)."""
+    overrides: tuple[tuple[str, Any], ...] = ()
+    """Per-site overrides, in order: ``(pattern, {policy field: value})`` or ``(pattern, "skip")``.
+    A pattern is an exact module FQN or site key (``fqn:in``, ``fqn:k``), ``"re:<regex>"``
+    (full match against either), or ``"_default"`` (every site, applied first). Given as a dict
+    in options and JSON."""
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -115,6 +125,10 @@ class StampConfig:
                     f"{list(allowed)} ({allowed[0]}..{allowed[-1]})"
                 )
             object.__setattr__(self, "avg_bits", float(self.avg_bits))
+        for name in ("quantize_kv", "enabled"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be True or False, got {getattr(self, name)!r}")
+        object.__setattr__(self, "overrides", _normalize_overrides(self.overrides))
         if self.version != CONFIG_VERSION:
             raise ValueError(
                 f"version: this stamp-fx reads config version {CONFIG_VERSION}, got {self.version!r}"
@@ -153,6 +167,10 @@ class StampConfig:
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name == "overrides":
+                v = {
+                    pattern: (spec if isinstance(spec, str) else dict(spec)) for pattern, spec in v
+                }
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
@@ -181,3 +199,116 @@ class StampConfig:
     @classmethod
     def from_json(cls, text: str) -> StampConfig:
         return cls.from_dict(json.loads(text))
+
+
+POLICY_FIELDS = (
+    "transform",
+    "levels",
+    "grid",
+    "high_tokens",
+    "high_bits",
+    "low_bits",
+    "sink_tokens",
+    "symmetric",
+    "group_size",
+)
+"""StampConfig fields an override may set for the sites it matches."""
+
+
+def _normalize_overrides(overrides: Any) -> tuple[tuple[str, Any], ...]:
+    """Validate overrides into a hashable tuple of (pattern, "skip" | sorted (field, value) pairs)."""
+    import re
+
+    items = overrides.items() if isinstance(overrides, dict) else overrides
+    if not isinstance(items, (tuple, list)) and not isinstance(overrides, dict):
+        raise ValueError("overrides: must be a dict {pattern: {field: value} | 'skip'}")
+    out = []
+    for entry in items:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise ValueError(f"overrides: entries must be (pattern, spec) pairs, got {entry!r}")
+        pattern, spec = entry
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise ValueError(f"overrides: bad regex {pattern!r}: {err}") from None
+        if spec == "skip":
+            out.append((pattern, "skip"))
+            continue
+        pairs = spec.items() if isinstance(spec, dict) else spec
+        try:
+            pairs = tuple(
+                sorted((str(k), tuple(v) if isinstance(v, list) else v) for k, v in pairs)
+            )
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"overrides[{pattern!r}]: must be 'skip' or a dict of policy fields"
+            ) from None
+        bad = sorted(k for k, _ in pairs if k not in POLICY_FIELDS)
+        if bad:
+            raise ValueError(
+                f"overrides[{pattern!r}]: unknown field(s) {bad}; valid fields: {', '.join(POLICY_FIELDS)} (or 'skip')"
+            )
+        try:
+            StampConfig(**{k: v for k, v in pairs if k != "sink_tokens"}, sink_tokens=None)
+        except ValueError as err:
+            raise ValueError(f"overrides[{pattern!r}]: {err}") from None
+        out.append((pattern, pairs))
+    return tuple(out)
+
+
+KERNELS = ("inductor", "triton")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendOptions:
+    """Options of the backend itself (not of the quantization policy). Debug options never
+    change what is compiled."""
+
+    inductor: bool = True
+    """Compile the rewritten graph with Inductor; False runs it eagerly (fast debugging)."""
+    plan: Any = None
+    """A saved plan (JSON path, dict or AllocationPlan) used verbatim instead of the policy."""
+    debug_dir: str | None = None
+    """Write graph dumps, plan.json and the site table here."""
+    mode: str | None = None
+    """torch.compile mode, mapped onto Inductor's config. torch.compile refuses ``mode=`` and
+    ``options=`` together, so it may also be given as ``options={"mode": ...}``."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inductor, bool):
+            raise ValueError(f"inductor: must be True or False, got {self.inductor!r}")
+        if self.debug_dir is not None and not isinstance(self.debug_dir, (str, os.PathLike)):
+            raise ValueError(f"debug_dir: must be a path, got {self.debug_dir!r}")
+
+
+def from_options(
+    options: dict[str, Any] | None, mode: str | None = None
+) -> tuple[StampConfig, BackendOptions]:
+    """Split and validate ``torch.compile(..., options=...)`` into policy and backend options.
+
+    Unknown keys raise ``ValueError`` listing every valid key.
+    """
+    options = dict(options or {})
+    if "config" in options:
+        base = options.pop("config")
+        if not isinstance(base, StampConfig):
+            raise ValueError(f"config: must be a StampConfig, got {type(base).__name__}")
+    else:
+        base = None
+    backend_keys = [f.name for f in dataclasses.fields(BackendOptions)]
+    config_keys = [k for k in StampConfig.field_names() if k != "version"]
+    unknown = sorted(set(options) - set(backend_keys) - set(config_keys))
+    if unknown:
+        raise ValueError(
+            f"unknown stamp option(s) {unknown}; valid options: {', '.join(sorted(config_keys + backend_keys + ['config']))}"
+        )
+    if mode is not None and options.get("mode") not in (None, mode):
+        raise ValueError(f"mode given twice: mode={mode!r} and options['mode']={options['mode']!r}")
+    if mode is not None:
+        options["mode"] = mode
+    backend = BackendOptions(**{k: options.pop(k) for k in backend_keys if k in options})
+    if "grid" in options and isinstance(options["grid"], list):
+        options["grid"] = tuple(options["grid"])
+    config = base.replace(**options) if base is not None else StampConfig(**options)
+    return config, backend

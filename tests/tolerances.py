@@ -29,3 +29,9 @@ IDEMPOTENT_RTOL = 1e-5
 
 # 16-bit fake quant must reach at least this SQNR (dB) on Gaussian data in float32/float64.
 SQNR_FLOOR_16BIT_DB = 80.0
+
+# Whole models (DESIGN.md section 5): the compiled output may be at most this many times as far
+# from the float64 eager application of the plan as the float32 eager application is, plus a
+# floor relative to the output norm for runs where float32 and float64 agree to rounding.
+MODEL_ERROR_RATIO = 2.0
+MODEL_ERROR_FLOOR_REL = 1e-5

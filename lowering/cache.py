@@ -1,0 +1,46 @@
+"""Keep Inductor's FX graph cache honest about stamp-fx's code.
+
+The cache key covers the graph and Inductor's config but not the Python behind a custom op's
+fake or real implementation. A ``CustomGraphPass`` installed as ``post_grad_custom_post_pass``
+contributes its ``uuid()`` to the key; ours hashes every source file of the installed package,
+so changing stamp-fx invalidates cached code while an unchanged one still hits the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+
+@functools.cache
+def source_hash() -> str:
+    """SHA-256 over the package's .py files (the library and this lowering package)."""
+    import stamp_fx
+
+    digest = hashlib.sha256()
+    roots = {Path(stamp_fx.__file__).resolve().parent, Path(__file__).resolve().parent}
+    for root in sorted(roots):
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class StampSourcePass(CustomGraphPass):
+    """A post-grad pass that changes nothing; its uuid ties cached code to stamp-fx's source."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> Any:
+        return source_hash()
+
+
+def inductor_config_patches() -> dict[str, Any]:
+    """Config patches every stamp compile adds to ``compile_fx``."""
+    return {"post_grad_custom_post_pass": StampSourcePass()}

@@ -1,0 +1,492 @@
+"""Dynamo graph -> sites. All knowledge of un-normalised Dynamo ops lives here.
+
+:func:`find_sites` returns one :class:`Site` per tensor the backend could quantize:
+
+* the input of every linear layer: ``torch._C._nn.linear`` / ``F.linear`` / ``aten.linear``,
+  ``nn.Linear`` call_module nodes, and ``addmm`` / ``mm`` / ``matmul`` against a weight
+  (GPT-2's ``Conv1D``);
+* the key and value at the input of every ``scaled_dot_product_attention`` (for KV quantization).
+
+Each site carries its module FQN (from ``nn_module_stack``), its *role* from the graph structure
+around attention (``q``, ``k``, ``v``, ``qkv`` for fused projections, ``attn_out``, ``mlp``,
+``cross_kv`` for K/V computed from another sequence, ``attn_k`` / ``attn_v`` at the attention
+input, ``other``), whether it sits inside the repeated blocks, its sequence axis, and a
+``reason`` when it cannot be quantized (legality only; the plan decides policy).
+
+Sequence axis: a rank-3 ``[B, S, D]`` input has ``seq_dim=1``. A flattened ``[B*S, D]`` input is
+traced back through one view/reshape to its ``[B, S, D]`` origin (``origin`` is then that node and
+the pass re-applies the view); anything else is not quantized, with a reason.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+__all__ = [
+    "Site",
+    "AttentionCore",
+    "find_sites",
+    "find_attention_cores",
+    "module_fqn",
+    "looks_causal",
+]
+
+_LINEAR_FUNCTIONS = {torch._C._nn.linear, F.linear, torch.ops.aten.linear.default}
+# target -> (index of the activation, index of the weight)
+_MATMUL_FUNCTIONS = {
+    torch.addmm: (1, 2),
+    torch.ops.aten.addmm.default: (1, 2),
+    torch.mm: (0, 1),
+    torch.matmul: (0, 1),
+    operator.matmul: (0, 1),
+}
+_SDPA_FUNCTIONS = {
+    torch._C._nn.scaled_dot_product_attention,
+    F.scaled_dot_product_attention,
+    torch.ops.aten.scaled_dot_product_attention.default,
+}
+_SOFTMAX_FUNCTIONS = {
+    F.softmax,
+    torch.softmax,
+    torch.Tensor.softmax,
+    torch.ops.aten._softmax.default,
+}
+_SCORE_MATMULS = {torch.matmul, operator.matmul, torch.bmm, torch.ops.aten.bmm.default}
+
+# Ops that only move or rescale data (layout, dtype, RoPE arithmetic): roles are traced through them.
+_PASS_METHODS = {
+    "view", "reshape", "transpose", "permute", "contiguous", "to", "float", "half", "bfloat16",
+    "type_as", "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "repeat", "clone",
+    "split", "chunk", "narrow", "mul", "add", "neg", "sub", "div", "repeat_interleave",
+}  # fmt: skip
+_PASS_FUNCTIONS = {
+    operator.getitem, operator.mul, operator.add, operator.neg, operator.sub, operator.truediv,
+    torch.transpose, torch.reshape, torch.permute, torch.flatten, torch.unsqueeze, torch.squeeze,
+    torch.cat, torch.mul, torch.add, torch.neg, torch.split, torch.chunk, torch.repeat_interleave,
+    F.dropout, torch.Tensor.contiguous,
+}  # fmt: skip
+# Pure layout ops: the only ones followed forward from an attention output to its projection.
+_LAYOUT_METHODS = {
+    "view",
+    "reshape",
+    "transpose",
+    "permute",
+    "contiguous",
+    "to",
+    "flatten",
+    "float",
+    "half",
+    "bfloat16",
+}
+_LAYOUT_FUNCTIONS = {torch.transpose, torch.reshape, torch.permute, torch.flatten, F.dropout}
+_FLATTEN_METHODS = {"view", "reshape", "flatten"}
+_FLATTEN_FUNCTIONS = {torch.reshape, torch.flatten}
+
+_MAX_TRACE_NODES = 64
+
+
+@dataclass
+class Site:
+    """One quantizable tensor; see the module docstring. ``key`` is ``<fqn>:<slot>``."""
+
+    fqn: str
+    slot: str  # "in" (linear input), "k" / "v" (attention input)
+    role: str
+    consumer: fx.Node  # the linear / attention node that reads the tensor
+    arg_index: int  # position of the tensor in consumer.args
+    origin: fx.Node | None  # the [B, S, D] tensor to quantize (None when not quantizable)
+    reshape: fx.Node | None = (
+        None  # a view/reshape between origin and consumer, re-applied after quantizing
+    )
+    seq_dim: int | None = None
+    shape: tuple[str, ...] = ()
+    features: int | None = None
+    in_block: bool = False
+    cross: bool = False
+    reason: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.fqn}:{self.slot}"
+
+    @property
+    def quantizable(self) -> bool:
+        return self.reason is None
+
+
+@dataclass
+class AttentionCore:
+    """One attention computation: SDPA, or eager ``softmax(q @ k^T) @ v``."""
+
+    node: fx.Node  # the SDPA node, or the final matmul of eager attention
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    kind: str  # "sdpa" | "eager"
+    k_index: int | None = None  # positions of k / v in node.args (SDPA only)
+    v_index: int | None = None
+
+
+# -- small graph helpers --------------------------------------------------------------------
+
+
+def _example(node: object) -> torch.Tensor | None:
+    if isinstance(node, fx.Node):
+        v = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(v, torch.Tensor):
+            return v
+    return None
+
+
+def _shape_str(t: torch.Tensor | None) -> tuple[str, ...]:
+    return () if t is None else tuple(str(s) for s in t.shape)
+
+
+_FQN_SOURCE = re.compile(r"^L\[[^\]]*\](\[\d+\])?")
+_FQN_PART = re.compile(r"\.(\w+)|\['([^']*)'\]|\[(\d+)\]")
+_FQN_NOISE = {"__dict__", "_modules"}
+
+
+def normalize_path(path: str) -> str:
+    """Dynamo source path -> module FQN: ``"L['self'].__dict__['_modules']['blocks'][0].attn"``
+    and ``"L['args'][0].model.layers.0.q_proj"`` become ``"blocks.0.attn"`` / ``"model.layers.0.q_proj"``."""
+    rest = _FQN_SOURCE.sub("", path)
+    parts = [next(g for g in m.groups() if g is not None) for m in _FQN_PART.finditer(rest)]
+    return ".".join(p for p in parts if p not in _FQN_NOISE)
+
+
+def module_fqn(node: fx.Node) -> str | None:
+    """FQN of the innermost module a node was traced in (``nn_module_stack``)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, _cls = list(stack.values())[-1]
+    return normalize_path(str(path))
+
+
+def _is_weight(gm: fx.GraphModule, node: object) -> bool:
+    """True for a parameter: a lifted placeholder, a get_attr, possibly behind a dtype cast."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method" and node.target in ("to", "t", "float", "half", "bfloat16"):
+        return _is_weight(gm, node.args[0])
+    if node.op == "call_function" and node.target in (torch.t, torch.transpose):
+        return _is_weight(gm, node.args[0])
+    if node.op == "get_attr":
+        try:
+            return isinstance(gm.get_parameter(node.target), torch.nn.Parameter)
+        except AttributeError:
+            return isinstance(getattr(gm, str(node.target), None), torch.nn.Parameter)
+    if node.op == "placeholder":
+        arg = node.meta.get("grapharg")
+        example = getattr(arg, "example", None)
+        if example is not None:
+            return isinstance(example, torch.nn.Parameter)
+        return "_parameters_" in node.name
+    return False
+
+
+def _is_pass_through(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _PASS_METHODS
+    return node.op == "call_function" and node.target in _PASS_FUNCTIONS
+
+
+def _is_layout(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _LAYOUT_METHODS
+    return node.op == "call_function" and node.target in _LAYOUT_FUNCTIONS
+
+
+def _node_inputs(node: fx.Node) -> Iterator[fx.Node]:
+    yield from node.all_input_nodes
+
+
+def _trace_back(start: object, stop) -> set[fx.Node]:
+    """Nodes satisfying ``stop`` reached backwards from ``start`` through pass-through ops."""
+    found: set[fx.Node] = set()
+    if not isinstance(start, fx.Node):
+        return found
+    todo, seen = [start], set()
+    while todo and len(seen) < _MAX_TRACE_NODES:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if stop(n):
+            found.add(n)
+        elif _is_pass_through(n):
+            todo.extend(_node_inputs(n))
+    return found
+
+
+def _trace_forward(start: fx.Node, stop) -> set[fx.Node]:
+    """Nodes satisfying ``stop`` reached forwards from ``start`` through layout-only ops."""
+    found: set[fx.Node] = set()
+    todo, seen = list(start.users), set()
+    while todo and len(seen) < _MAX_TRACE_NODES:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if stop(n):
+            found.add(n)
+        elif _is_layout(n) or (n.op == "call_function" and n.target is operator.getitem):
+            todo.extend(n.users)
+    return found
+
+
+# -- linear layers ---------------------------------------------------------------------------
+
+
+def _linear_operands(gm: fx.GraphModule, node: fx.Node) -> tuple[int, object] | None:
+    """(activation arg index, weight) if ``node`` is a linear layer, else None."""
+    if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
+        return 0, node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if node.op == "call_function" and node.target in _MATMUL_FUNCTIONS:
+        xi, wi = _MATMUL_FUNCTIONS[node.target]
+        if (
+            len(node.args) > wi
+            and _is_weight(gm, node.args[wi])
+            and not _is_weight(gm, node.args[xi])
+        ):
+            return xi, node.args[wi]
+        return None
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        if isinstance(mod, torch.nn.Linear):
+            return 0, mod.weight
+    return None
+
+
+def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return _linear_operands(gm, node) is not None
+
+
+# -- attention -------------------------------------------------------------------------------
+
+
+def _sdpa_arg(node: fx.Node, index: int, name: str) -> tuple[object, int | None]:
+    if len(node.args) > index:
+        return node.args[index], index
+    return node.kwargs.get(name), None
+
+
+def find_attention_cores(gm: fx.GraphModule) -> list[AttentionCore]:
+    cores = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _SDPA_FUNCTIONS:
+            q, _ = _sdpa_arg(node, 0, "query")
+            k, ki = _sdpa_arg(node, 1, "key")
+            v, vi = _sdpa_arg(node, 2, "value")
+            if all(isinstance(t, fx.Node) for t in (q, k, v)):
+                cores.append(AttentionCore(node, q, k, v, "sdpa", ki, vi))
+        elif _is_softmax(node):
+            core = _eager_core(node)
+            if core is not None:
+                cores.append(core)
+    return cores
+
+
+def _is_softmax(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target == "softmax"
+    return node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS
+
+
+def _is_score_matmul(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _SCORE_MATMULS
+
+
+def _eager_core(softmax: fx.Node) -> AttentionCore | None:
+    """``softmax(q @ k^T [* scale] [+ mask]) [dropout] @ v`` -> an AttentionCore."""
+    scores = _trace_back(softmax.args[0], _is_score_matmul)
+    outs = [u for u in _trace_forward(softmax, _is_score_matmul)]
+    if len(scores) != 1 or len(outs) != 1:
+        return None
+    (score,), (out,) = scores, outs
+    return AttentionCore(out, score.args[0], score.args[1], out.args[1], "eager")
+
+
+def looks_causal(gm: fx.GraphModule) -> bool:
+    """Whether the graph is a causal LM: some SDPA call has ``is_causal=True`` or the model
+    modules are decoder layers of a ``*ForCausalLM`` / ``*LMHeadModel`` class."""
+    for node in gm.graph.nodes:
+        if (
+            node.op == "call_function"
+            and node.target in _SDPA_FUNCTIONS
+            and node.kwargs.get("is_causal") is True
+        ):
+            return True
+        for _path, cls in (node.meta.get("nn_module_stack") or {}).values():
+            name = getattr(cls, "__name__", str(cls))
+            if name.endswith(("ForCausalLM", "LMHeadModel")) or "CausalLM" in name:
+                return True
+    return False
+
+
+# -- sites -----------------------------------------------------------------------------------
+
+
+def _in_block(fqn: str) -> bool:
+    """Inside the repeated blocks: some path component is a ModuleList index."""
+    return any(part.isdigit() for part in fqn.split("."))
+
+
+def _sequence_origin(
+    x: object, features: int | None
+) -> tuple[fx.Node | None, fx.Node | None, int | None, str | None]:
+    """(origin, reshape, seq_dim, reason) for the activation argument of a linear."""
+    t = _example(x)
+    if not isinstance(x, fx.Node) or t is None:
+        return None, None, None, "activation has no example value"
+    if t.ndim == 3:
+        return x, None, 1, None
+    if t.ndim == 2:
+        is_flatten = (x.op == "call_method" and x.target in _FLATTEN_METHODS) or (
+            x.op == "call_function" and x.target in _FLATTEN_FUNCTIONS
+        )
+        src = x.args[0] if x.args else None
+        src_t = _example(src)
+        if is_flatten and src_t is not None and src_t.ndim == 3 and src_t.shape[-1] == t.shape[-1]:
+            return src, x, 1, None
+        return (
+            None,
+            None,
+            None,
+            "input is [tokens, features] with no [batch, seq, features] origin (no sequence axis)",
+        )
+    return None, None, None, f"input has rank {t.ndim}; expected [batch, seq, features]"
+
+
+def find_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every linear input and every SDPA key/value in ``gm``, with roles and legality."""
+    cores = find_attention_cores(gm)
+    roles: dict[fx.Node, set[str]] = {}
+    cross_linears: set[fx.Node] = set()
+    cross_cores: set[fx.Node] = set()
+    for core in cores:
+        by_arg = {}
+        for arg_name, arg in (("q", core.q), ("k", core.k), ("v", core.v)):
+            by_arg[arg_name] = _trace_back(arg, lambda n: _is_linear(gm, n))
+            for lin in by_arg[arg_name]:
+                roles.setdefault(lin, set()).add(arg_name)
+        for lin in _trace_forward(core.node, lambda n: _is_linear(gm, n)):
+            roles.setdefault(lin, set()).add("attn_out")
+        # Cross-attention: K/V projections read a different tensor than the Q projection.
+        q_inputs = {_activation(gm, lin) for lin in by_arg["q"]}
+        for lin in by_arg["k"] | by_arg["v"]:
+            if q_inputs and _activation(gm, lin) not in q_inputs:
+                cross_linears.add(lin)
+                cross_cores.add(core.node)
+
+    sites: list[Site] = []
+    for node in gm.graph.nodes:
+        operands = _linear_operands(gm, node)
+        if operands is None:
+            continue
+        index, weight = operands
+        fqn = module_fqn(node) or str(node.target if node.op == "call_module" else node.name)
+        features = _feature_count(weight, node, index)
+        role = _role(roles.get(node, set()), node in cross_linears, _in_block(fqn))
+        origin, reshape, seq_dim, reason = _sequence_origin(node.args[index], features)
+        sites.append(
+            Site(
+                fqn=fqn,
+                slot="in",
+                role=role,
+                consumer=node,
+                arg_index=index,
+                origin=origin,
+                reshape=reshape,
+                seq_dim=seq_dim,
+                shape=_shape_str(_example(origin if origin is not None else node.args[index])),
+                features=features,
+                in_block=_in_block(fqn),
+                cross=node in cross_linears,
+                reason=reason,
+            )
+        )
+    sites.extend(_kv_sites(cores, cross_cores))
+    _dedupe_keys(sites)
+    return sites
+
+
+def _activation(gm: fx.GraphModule, lin: fx.Node) -> object:
+    ops = _linear_operands(gm, lin)
+    return lin.args[ops[0]] if ops else None
+
+
+def _feature_count(weight: object, node: fx.Node, index: int) -> int | None:
+    t = _example(node.args[index])
+    if t is not None and t.ndim >= 1 and isinstance(t.shape[-1], int):
+        return int(t.shape[-1])
+    return None
+
+
+def _role(arg_roles: set[str], cross: bool, in_block: bool) -> str:
+    if cross and arg_roles & {"k", "v"}:
+        return "cross_kv"
+    if {"q", "k", "v"} <= arg_roles or len(arg_roles & {"q", "k", "v"}) > 1:
+        return "qkv"
+    for r in ("q", "k", "v", "attn_out"):
+        if r in arg_roles:
+            return r
+    return "mlp" if in_block else "other"
+
+
+def _kv_sites(cores: Iterable[AttentionCore], cross_cores: set[fx.Node]) -> list[Site]:
+    out = []
+    for core in cores:
+        fqn = module_fqn(core.node) or core.node.name
+        for slot, arg, idx in (("k", core.k, core.k_index), ("v", core.v, core.v_index)):
+            t = _example(arg)
+            reason = None
+            if core.kind != "sdpa":
+                reason = "eager attention: K/V quantization is applied at scaled_dot_product_attention inputs only"
+            elif idx is None:
+                reason = f"{slot} passed by keyword to scaled_dot_product_attention"
+            elif t is None or t.ndim != 4:
+                reason = "attention input is not [batch, heads, seq, head_dim]"
+            cross = core.node in cross_cores
+            out.append(
+                Site(
+                    fqn=fqn,
+                    slot=slot,
+                    role=f"attn_{slot}",
+                    consumer=core.node,
+                    arg_index=idx if idx is not None else -1,
+                    origin=arg if reason is None else None,
+                    seq_dim=2 if reason is None else None,
+                    shape=_shape_str(t),
+                    features=int(t.shape[-1])
+                    if t is not None and isinstance(t.shape[-1], int)
+                    else None,
+                    in_block=_in_block(fqn),
+                    cross=cross,
+                    reason=reason,
+                )
+            )
+    return out
+
+
+def _dedupe_keys(sites: list[Site]) -> None:
+    """A module called twice in one graph (weight sharing) gets ``#1``, ``#2`` ... suffixes."""
+    counts: dict[str, int] = {}
+    for s in sites:
+        counts[s.key] = counts.get(s.key, 0) + 1
+    seen: dict[str, int] = {}
+    for s in sites:
+        if counts[s.key] > 1:
+            n = seen.get(s.key, 0)
+            seen[s.key] = n + 1
+            if n:
+                s.slot = f"{s.slot}#{n}"

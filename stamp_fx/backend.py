@@ -1,0 +1,210 @@
+"""The ``stamp`` torch.compile backend: analysis -> plan -> passes -> Inductor.
+
+``torch.compile(model, backend="stamp", options={...})`` (registered through the
+``torch_dynamo_backends`` entry point) or ``torch.compile(model, backend=StampCompiler(config))``.
+Options are validated by :func:`stamp_fx.config.from_options`; ``mode`` is mapped onto Inductor's
+config (``default``, ``reduce-overhead``, ``max-autotune``, ``max-autotune-no-cudagraphs``) and
+rejected when Inductor is off. Every compiled graph is kept in ``StampCompiler.records``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx
+
+from . import ops as _ops  # noqa: F401  (registers the stamp:: ops)
+from .analysis import Site, find_sites, looks_causal
+from .config import BackendOptions, StampConfig, from_options
+from .debug import DebugWriter, format_site_table, resolve_debug_dir
+from .passes import PassContext, PassRecord, run_passes
+from .plan import AllocationPlan, load_plan
+from .policy import build_plan
+
+__all__ = ["StampCompiler", "CompileRecord", "stamp_backend", "INDUCTOR_MODES"]
+
+INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class CompileRecord:
+    """What one backend call saw and did."""
+
+    graph: fx.GraphModule
+    sites: list[Site]
+    plan: AllocationPlan
+    passes: list[PassRecord]
+    pass_seconds: float
+    compile_seconds: float
+    debug_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def site_table(self, energy_fraction: dict[str, float] | None = None) -> str:
+        return format_site_table(self.sites, self.plan, energy_fraction)
+
+
+def _mode_patches(mode: str | None, inductor: bool) -> dict[str, Any]:
+    if mode in (None, "default"):
+        return {}
+    if mode not in INDUCTOR_MODES:
+        raise ValueError(f"mode: unknown {mode!r}; valid modes: {', '.join(INDUCTOR_MODES)}")
+    if not inductor:
+        raise ValueError(
+            f"mode={mode!r} tunes Inductor, but options inductor=False compiles without it"
+        )
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options(mode))
+
+
+class StampCompiler:
+    """A torch.compile backend object: ``torch.compile(model, backend=StampCompiler(config))``.
+
+    ``causal`` overrides the graph-based guess of whether the model is a causal LM (which sets
+    ``sink_tokens`` when the config leaves it on auto). ``observer`` (calibration: an object with
+    ``watch(plan)`` and ``observe(x, site_keys, seq_dim) -> x``) replaces the quantization ops by
+    eager calls that see each site's float input.
+    """
+
+    def __init__(
+        self,
+        config: StampConfig | None = None,
+        *,
+        inductor: bool = True,
+        plan: Any = None,
+        debug_dir: str | None = None,
+        mode: str | None = None,
+        causal: bool | None = None,
+        observer: Callable | None = None,
+    ):
+        self.config = config or StampConfig()
+        self.options = BackendOptions(inductor=inductor, plan=plan, debug_dir=debug_dir, mode=mode)
+        self.plan = load_plan(plan) if plan is not None else None
+        self.config_patches = _mode_patches(mode, inductor)
+        self.causal = causal
+        self.observer = observer
+        self.records: list[CompileRecord] = []
+
+    @classmethod
+    def from_options(
+        cls, options: dict[str, Any] | None = None, mode: str | None = None, **kwargs
+    ) -> StampCompiler:
+        config, backend = from_options(options, mode)
+        return cls(
+            config,
+            inductor=backend.inductor,
+            plan=backend.plan,
+            debug_dir=backend.debug_dir,
+            mode=backend.mode,
+            **kwargs,
+        )
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        start = time.perf_counter()
+        try:
+            sites = find_sites(gm)
+        except Exception as err:  # an unforeseen graph shape must not take the model down
+            warnings.warn(
+                f"stamp: site analysis failed ({type(err).__name__}: {err}); compiling without STaMP",
+                stacklevel=2,
+            )
+            sites = []
+        causal = looks_causal(gm) if self.causal is None else self.causal
+        plan = self.plan if self.plan is not None else build_plan(sites, self.config, causal=causal)
+        if not any(s.slot == "in" for s in sites):
+            warnings.warn(
+                "stamp: the graph has no linear layers; compiling it without STaMP", stacklevel=2
+            )
+        _warn_unhandled(sites, plan)
+        if self.observer is not None:
+            self.observer.watch(plan)
+        elif any(p.transform == "klt" and p.autocorr_key is None for p in plan.sites.values()):
+            raise ValueError(
+                "transform 'klt' needs a calibrated plan: plan = stamp_fx.calibrate(model, batches, "
+                "transform='klt'), then options={'plan': plan}"
+            )
+        debug_root = resolve_debug_dir(self.options.debug_dir)
+        writer = DebugWriter(debug_root, self.config.to_json()) if debug_root is not None else None
+        ctx = PassContext(
+            sites=sites,
+            plan=plan,
+            debug=writer,
+            observer=self.observer.observe if self.observer else None,
+        )
+        pass_records = run_passes(gm, ctx)
+        pass_seconds = time.perf_counter() - start
+        if writer is not None:
+            writer.write_plan(plan)
+            writer.write_text("sites.txt", format_site_table(sites, plan))
+        compiled = self._lower(gm, example_inputs)
+        self.records.append(
+            CompileRecord(
+                graph=gm,
+                sites=sites,
+                plan=plan,
+                passes=pass_records,
+                pass_seconds=pass_seconds,
+                compile_seconds=time.perf_counter() - start,
+                debug_dir=str(writer.dir) if writer is not None else None,
+            )
+        )
+        return compiled
+
+    def _lower(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        if not self.options.inductor or self.observer is not None:
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        from .lowering import inductor_config_patches
+
+        patches = {**inductor_config_patches(), **self.config_patches}
+        return compile_fx(gm, list(example_inputs), config_patches=patches)
+
+    @property
+    def last(self) -> CompileRecord:
+        if not self.records:
+            raise RuntimeError(
+                "StampCompiler has not compiled anything yet (run the compiled model first)"
+            )
+        return self.records[-1]
+
+    def merged_plan(self) -> AllocationPlan:
+        """One plan covering every graph compiled so far (graph breaks give several)."""
+        sites, skipped, tensors = {}, {}, {}
+        for rec in self.records:
+            sites.update(rec.plan.sites)
+            skipped.update(rec.plan.skipped)
+            tensors.update(rec.plan.tensors)
+        meta = self.records[-1].plan.meta if self.records else {}
+        return AllocationPlan(
+            sites=sites,
+            skipped={k: v for k, v in skipped.items() if k not in sites},
+            tensors=tensors,
+            meta=meta,
+        )
+
+
+def _warn_unhandled(sites: Sequence[Site], plan: AllocationPlan) -> None:
+    """Warn about in-block sites the analysis could not handle (they run unquantized)."""
+    bad = [s for s in sites if s.in_block and s.reason is not None and s.slot == "in"]
+    if bad:
+        listing = "; ".join(f"{s.key}: {s.reason}" for s in bad[:5])
+        more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+        warnings.warn(
+            f"stamp: {len(bad)} site(s) compiled without STaMP: {listing}{more}", stacklevel=3
+        )
+
+
+def stamp_backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    options: dict[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable:
+    """Entry point of ``torch.compile(model, backend="stamp", options=..., mode=...)``."""
+    return StampCompiler.from_options(options, mode)(gm, example_inputs)

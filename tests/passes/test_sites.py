@@ -1,0 +1,94 @@
+"""Site discovery: exact counts, roles, FQNs and skip reasons per architecture (no Inductor)."""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from stamp_fx import StampCompiler, StampConfig
+from tests import models
+from tests.helpers import compile_and_run
+
+
+def _sites(name, **config):
+    model, inputs = models.FACTORIES[name]()
+    compiler = StampCompiler(StampConfig(**config), inductor=False)
+    compile_and_run(model, inputs, compiler, fullgraph=True)
+    assert len(compiler.records) == 1  # one graph: no graph breaks
+    return compiler.last
+
+
+def _roles(record, slot="in"):
+    return Counter(s.role for s in record.sites if s.slot == slot)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_llama_family_sites(name):
+    rec = _sites(name)
+    assert _roles(rec) == Counter(q=2, k=2, v=2, attn_out=2, mlp=6, other=1)
+    assert _roles(rec, "k") == Counter(attn_k=2) and _roles(rec, "v") == Counter(attn_v=2)
+    keys = {s.key: s for s in rec.sites}
+    assert keys["model.layers.1.self_attn.q_proj:in"].role == "q"
+    assert keys["model.layers.0.mlp.down_proj:in"].features == 64
+    assert set(rec.plan.sites) == {s.key for s in rec.sites if s.slot == "in" and s.in_block}
+    assert "outside the repeated blocks" in rec.plan.skipped["lm_head:in"]
+    assert "quantize_kv" in rec.plan.skipped["model.layers.0.self_attn:k"]
+    # A causal LM gets one attention-sink position by default.
+    assert {p.sink_tokens for p in rec.plan.sites.values()} == {1}
+    # q/k/v read one tensor and gate/up another: 4 stamp ops per layer for 7 linears.
+    assert rec.passes[0].stats == {"stamp_ops": 8, "rewired_inputs": 14, "already_quantized": 0}
+
+
+def test_gpt2_conv1d_sites_are_traced_back_to_their_sequence():
+    rec = _sites("gpt2")
+    assert _roles(rec) == Counter(qkv=2, attn_out=2, mlp=4, other=1)
+    site = next(s for s in rec.sites if s.key == "transformer.h.0.attn.c_attn:in")
+    assert site.reshape is not None and site.seq_dim == 1 and site.shape == ("2", "12", "32")
+    assert {p.sink_tokens for p in rec.plan.sites.values()} == {1}  # GPT2LMHeadModel is causal
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_bert_sites_sdpa_and_eager_attention(attn):
+    model, inputs = models.bert(attn_implementation=attn)
+    compiler = StampCompiler(StampConfig(quantize_kv=True), inductor=False)
+    compile_and_run(model, inputs, compiler, fullgraph=True)
+    rec = compiler.last
+    assert _roles(rec) == Counter(q=2, k=2, v=2, attn_out=2, mlp=4, other=1)
+    assert "no sequence axis" in rec.plan.skipped["pooler.dense:in"]
+    assert {p.sink_tokens for p in rec.plan.sites.values()} == {0}  # an encoder has no sink
+    kv = [s for s in rec.sites if s.slot in ("k", "v")]
+    assert len(kv) == 4
+    if attn == "sdpa":
+        assert all(s.key in rec.plan.sites for s in kv)
+    else:
+        assert all("eager attention" in rec.plan.skipped[s.key] for s in kv)
+
+
+def test_pixart_sites_cross_attention_and_conditioning():
+    rec = _sites("pixart")
+    roles = _roles(rec)
+    assert roles == Counter(q=4, k=2, v=2, attn_out=4, cross_kv=4, mlp=4, other=6)
+    plan = rec.plan
+    assert plan.sites["transformer_blocks.0.attn2.to_k:in"].transform == "identity"
+    assert plan.sites["transformer_blocks.0.attn2.to_q:in"].transform == "haar"
+    assert plan.sites["transformer_blocks.1.attn1.to_v:in"].sink_tokens == 0
+    for key in ("caption_projection.linear_1:in", "proj_out:in", "adaln_single.linear:in"):
+        assert key in plan.skipped
+    assert "no sequence axis" in plan.skipped["adaln_single.emb.timestep_embedder.linear_1:in"]
+    assert len(plan.sites) == 20
+
+
+def test_model_without_linear_layers_warns_and_compiles_unchanged():
+    model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.GELU()).eval()
+    x = torch.randn(2, 5, 8)
+    compiler = StampCompiler(inductor=False)
+    with pytest.warns(UserWarning, match="no linear layers"):
+        out = compile_and_run_plain(model, x, compiler)
+    torch.testing.assert_close(out, model(x))
+    assert compiler.last.plan.sites == {}
+
+
+def compile_and_run_plain(model, x, compiler):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch.compile(model, backend=compiler)(x)
