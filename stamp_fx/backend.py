@@ -21,6 +21,7 @@ from . import ops as _ops  # noqa: F401  (registers the stamp:: ops)
 from .analysis import Site, find_sites, looks_causal
 from .config import BackendOptions, StampConfig, from_options
 from .debug import DebugWriter, format_site_table, resolve_debug_dir
+from .lowering import get_lowering
 from .passes import PassContext, PassRecord, run_passes
 from .plan import AllocationPlan, load_plan
 from .policy import build_plan
@@ -77,12 +78,16 @@ class StampCompiler:
         inductor: bool = True,
         plan: Any = None,
         debug_dir: str | None = None,
+        kernel: str = "reference",
         mode: str | None = None,
         causal: bool | None = None,
         observer: Callable | None = None,
     ):
         self.config = config or StampConfig()
-        self.options = BackendOptions(inductor=inductor, plan=plan, debug_dir=debug_dir, mode=mode)
+        self.options = BackendOptions(
+            inductor=inductor, plan=plan, debug_dir=debug_dir, kernel=kernel, mode=mode
+        )
+        get_lowering(kernel)  # validates the name against the lowering registry
         self.plan = load_plan(plan) if plan is not None else None
         self.config_patches = _mode_patches(mode, inductor)
         self.causal = causal
@@ -158,11 +163,15 @@ class StampCompiler:
         if not self.options.inductor or self.observer is not None:
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.decomposition import select_decomp_table
 
-        from .lowering import inductor_config_patches
-
-        patches = {**inductor_config_patches(), **self.config_patches}
-        return compile_fx(gm, list(example_inputs), config_patches=patches)
+        lowering = get_lowering(self.options.kernel)
+        patches = {**lowering.config_patches(), **self.config_patches}
+        extra = lowering.decompositions()
+        decompositions = {**select_decomp_table(), **extra} if extra else None
+        return compile_fx(
+            gm, list(example_inputs), config_patches=patches, decompositions=decompositions
+        )
 
     @property
     def last(self) -> CompileRecord:

@@ -257,9 +257,6 @@ def _normalize_overrides(overrides: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(out)
 
 
-KERNELS = ("inductor", "triton")
-
-
 @dataclass(frozen=True, slots=True)
 class BackendOptions:
     """Options of the backend itself (not of the quantization policy). Debug options never
@@ -271,6 +268,8 @@ class BackendOptions:
     """A saved plan (JSON path, dict or AllocationPlan) used verbatim instead of the policy."""
     debug_dir: str | None = None
     """Write graph dumps, plan.json and the site table here."""
+    kernel: str = "reference"
+    """How stamp ops are lowered in Inductor: a name from ``stamp_fx.lowering.available_lowerings()``."""
     mode: str | None = None
     """torch.compile mode, mapped onto Inductor's config. torch.compile refuses ``mode=`` and
     ``options=`` together, so it may also be given as ``options={"mode": ...}``."""
@@ -280,6 +279,8 @@ class BackendOptions:
             raise ValueError(f"inductor: must be True or False, got {self.inductor!r}")
         if self.debug_dir is not None and not isinstance(self.debug_dir, (str, os.PathLike)):
             raise ValueError(f"debug_dir: must be a path, got {self.debug_dir!r}")
+        if not isinstance(self.kernel, str):
+            raise ValueError(f"kernel: must be a lowering name, got {self.kernel!r}")
 
 
 def from_options(
