@@ -104,6 +104,7 @@ class StampCompiler:
             inductor=backend.inductor,
             plan=backend.plan,
             debug_dir=backend.debug_dir,
+            kernel=backend.kernel,
             mode=backend.mode,
             **kwargs,
         )

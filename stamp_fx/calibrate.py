@@ -26,16 +26,17 @@ from .allocation import SpectralBitPlan, solve_token_bits
 from .config import StampConfig
 from .plan import AllocationPlan, SitePolicy
 from .reference import transformed_tokens
-from .transforms import token_autocorrelation
+from .transforms import block_hadamard, token_autocorrelation
 
 __all__ = ["EnergyObserver", "run_batch"]
 
 
 class _SiteStats:
-    __slots__ = ("energy", "count", "autocorr", "autocorr_count")
+    __slots__ = ("energy", "range2", "count", "autocorr", "autocorr_count")
 
     def __init__(self) -> None:
         self.energy: dict[int, Tensor] = {}  # sequence length -> summed per-token energies
+        self.range2: dict[int, Tensor] = {}  # ... summed per-token sum of G * range**2 / 12
         self.count: Counter[int] = Counter()
         self.autocorr: dict[int, Tensor] = {}
         self.autocorr_count: Counter[int] = Counter()
@@ -47,6 +48,8 @@ class EnergyObserver:
     def __init__(self) -> None:
         self.policies: dict[str, SitePolicy] = {}
         self.stats: dict[str, _SiteStats] = {}
+        self.autocorr_owner: dict[str, str] = {}
+        self._eigenvalues: dict[str, Tensor] = {}
 
     def watch(self, plan: AllocationPlan) -> None:
         """Called by the compiler with each graph's plan before the graph runs."""
@@ -60,6 +63,10 @@ class EnergyObserver:
             stats = self.stats.setdefault(key, _SiteStats())
             sinks = min(policy.sink_tokens, length)
             if policy.transform == "klt":
+                # Sites reading one tensor share one autocorrelation (and so one stamp op).
+                self.autocorr_owner[key] = keys[0]
+                if key != keys[0]:
+                    continue
                 rest = x.narrow(seq_dim, sinks, length - sinks)
                 r = token_autocorrelation(rest.detach(), seq_dim)
                 n = length - sinks
@@ -72,23 +79,36 @@ class EnergyObserver:
             z = z.to(torch.float64).movedim(seq_dim, 0)
             e = z.square().reshape(z.shape[0], -1).sum(1)
             stats.energy[length] = stats.energy.get(length, 0) + e
+            stats.range2[length] = stats.range2.get(length, 0) + _expected_error_weight(z, policy)
             stats.count[length] += 1
         return x
 
     # -- turning statistics into a plan ----------------------------------------------------
-    def site_energies(self, key: str) -> tuple[int, Tensor, dict[str, Tensor]]:
-        """(calibration length, mean per-token energies of the quantized sequence, tensors)."""
-        policy, stats = self.policies[key], self.stats[key]
+    def site_energies(
+        self, key: str, metric: str = "energy"
+    ) -> tuple[int, Tensor, dict[str, Tensor]]:
+        """(calibration length, mean per-token weights of the quantized sequence, tensors).
+
+        ``metric="energy"``: Theorem 1's ``e_i``; ``"range"``: ``sum G * range**2 / 12``, the
+        expected squared rounding error of token ``i`` at one level per step (KLT sites always
+        use energies, from the eigenvalues)."""
+        policy = self.policies[key]
         if policy.transform == "klt":
+            key = self.autocorr_owner[key]
+            stats = self.stats[key]
             n = max(stats.autocorr)  # the longest: KLT serves every shorter length
             autocorr = stats.autocorr[n] / stats.autocorr_count[n]
-            evals = torch.linalg.eigvalsh(autocorr).flip(0).clamp_min(0)
+            if key not in self._eigenvalues:  # shared by every site reading this tensor
+                self._eigenvalues[key] = torch.linalg.eigvalsh(autocorr).flip(0).clamp_min(0)
+            evals = self._eigenvalues[key]
             sink_e = evals.new_full(
                 (policy.sink_tokens,), float(evals.max()) if evals.numel() else 0.0
             )
             return n + policy.sink_tokens, torch.cat([sink_e, evals]), {key: autocorr}
+        stats = self.stats[key]
         n = stats.count.most_common(1)[0][0]
-        return n, stats.energy[n] / stats.count[n], {}
+        table = stats.range2 if metric == "range" else stats.energy
+        return n, table[n] / stats.count[n], {}
 
     def finalize(self, plan: AllocationPlan, config: StampConfig) -> AllocationPlan:
         sites, tensors, fractions = {}, dict(plan.tensors), {}
@@ -99,13 +119,26 @@ class EnergyObserver:
             _length, energies, extra = self.site_energies(key)
             if extra:
                 tensors.update(extra)
-                policy = replace(policy, autocorr_key=key)
+                policy = replace(policy, autocorr_key=next(iter(extra)))
             if config.avg_bits is not None:
-                policy = policy.with_bands(_solve_bands(policy, energies, config))
+                _, weights, _ = self.site_energies(key, config.allocation_metric)
+                policy = policy.with_bands(_solve_bands(policy, weights, config))
             sites[key] = policy
             fractions[key] = _high_energy_fraction(policy, energies)
         meta = {**plan.meta, "energy_fraction": fractions, "calibrated": True}
         return AllocationPlan(sites=sites, skipped=plan.skipped, tensors=tensors, meta=meta)
+
+
+def _expected_error_weight(z: Tensor, policy: SitePolicy) -> Tensor:
+    """Per token (dim 0 of ``z``): ``sum over batch and groups of G * range**2 / 12``, with the
+    policy's feature rotation applied first (ranges, unlike energies, depend on it)."""
+    block = policy.feature_block(z.shape[-1])
+    if block is not None:
+        z = block_hadamard(z, block)
+    group = policy.group_size or z.shape[-1]
+    g = z.unflatten(-1, (-1, group))
+    rng = g.amax(-1) - g.amin(-1)
+    return (group * rng.square() / 12).reshape(z.shape[0], -1).sum(1)
 
 
 def _solve_bands(policy: SitePolicy, energies: Tensor, config: StampConfig) -> SpectralBitPlan:

@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .quantizer import MAX_BITS, MIN_BITS, TokenBits, validate_bits
-from .transforms import SequenceTransform, available_transforms, make_transform
+from .transforms import FEATURE_TRANSFORMS, SequenceTransform, available_transforms, make_transform
 
 __all__ = ["CONFIG_VERSION", "POLICY_FIELDS", "StampConfig", "BackendOptions", "from_options"]
 
 CONFIG_VERSION = 1
+ALLOCATION_METRICS = ("energy", "range")
 
 
 def _is_int(v: object) -> bool:
@@ -56,6 +57,12 @@ class StampConfig:
     """Bit widths the solver may assign."""
     avg_bits: float | None = None
     """Average-bit budget for the Theorem-1 solver; None = the first-``high_tokens`` rule."""
+    allocation_metric: str = "energy"
+    """What the solver weighs each transformed token by: ``"energy"`` (Theorem 1's e_i) or
+    ``"range"`` (calibrated ``G * range**2 / 12``, the expected rounding error per step)."""
+    feature_transform: str = "none"
+    """Rotation of the feature axis around the quantizer: ``"hadamard"`` is an online
+    (block-)Hadamard (QuaRot style; blocks of the largest power of two dividing the features)."""
     quantize_kv: bool = False
     """Also quantize keys and values at the attention input along the sequence (KV4.125)."""
     enabled: bool = True
@@ -125,6 +132,14 @@ class StampConfig:
                     f"{list(allowed)} ({allowed[0]}..{allowed[-1]})"
                 )
             object.__setattr__(self, "avg_bits", float(self.avg_bits))
+        if self.allocation_metric not in ALLOCATION_METRICS:
+            raise ValueError(
+                f"allocation_metric: unknown {self.allocation_metric!r}; valid: {', '.join(ALLOCATION_METRICS)}"
+            )
+        if self.feature_transform not in FEATURE_TRANSFORMS:
+            raise ValueError(
+                f"feature_transform: unknown {self.feature_transform!r}; valid: {', '.join(FEATURE_TRANSFORMS)}"
+            )
         for name in ("quantize_kv", "enabled"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be True or False, got {getattr(self, name)!r}")
@@ -203,6 +218,7 @@ class StampConfig:
 
 POLICY_FIELDS = (
     "transform",
+    "feature_transform",
     "levels",
     "grid",
     "high_tokens",

@@ -4,7 +4,8 @@
 high_bits, low_bits, band_edges, band_bits, symmetric, group_size, autocorr)`` is the STaMP fake
 quantization of one site (see :class:`stamp_fx.plan.SitePolicy`, whose fields the arguments
 spell out with sentinels: ``levels=-1`` auto, ``grid=[]`` none, ``group_size=0`` per token,
-empty ``band_edges`` for the first-``high_tokens`` rule). The fake impl returns a tensor like
+empty ``band_edges`` for the first-``high_tokens`` rule). A policy's feature rotation is a
+separate op, ``torch.ops.stamp.hadamard(x, block)``, placed before and after it. The fake impl returns a tensor like
 ``x`` (contiguous; so Dynamo and Inductor never graph-break and symbolic sequence lengths stay symbolic);
 the real impl is :meth:`SitePolicy.apply`, i.e. ``reference.py``. Gradients pass straight through
 (the straight-through estimator), so the op also works under autograd.
@@ -17,8 +18,9 @@ from torch import Tensor
 
 from .allocation import SpectralBitPlan
 from .plan import SitePolicy
+from .transforms import block_hadamard
 
-__all__ = ["fake_quant_op", "op_args", "policy_from_op_args"]
+__all__ = ["fake_quant_op", "hadamard_op", "op_args", "policy_from_op_args"]
 
 
 def op_args(policy: SitePolicy, seq_dim: int) -> tuple:
@@ -91,7 +93,7 @@ def fake_quant_op(
         band_edges, band_bits, symmetric, group_size, autocorr is not None,
     )  # fmt: skip
     tensors = {"autocorr": autocorr} if autocorr is not None else None
-    return policy.apply(x, seq_dim, tensors).contiguous()
+    return policy.apply_sequence(x, seq_dim, tensors).contiguous()
 
 
 @fake_quant_op.register_fake
@@ -110,3 +112,26 @@ def _straight_through(ctx, grad):
 
 
 fake_quant_op.register_autograd(_straight_through, setup_context=_setup_context)
+
+
+@torch.library.custom_op("stamp::hadamard", mutates_args=())
+def hadamard_op(x: Tensor, block: int) -> Tensor:
+    """Orthonormal block-Hadamard rotation of the feature (last) dim; its own inverse."""
+    return block_hadamard(x, block).contiguous()
+
+
+@hadamard_op.register_fake
+def _(x, block):
+    return x.new_empty(x.shape)
+
+
+def _hadamard_backward(ctx, grad):
+    # The rotation is symmetric and orthonormal: its adjoint is itself.
+    return hadamard_op(grad, ctx.block), None
+
+
+def _hadamard_setup(ctx, inputs, output) -> None:
+    ctx.block = inputs[1]
+
+
+hadamard_op.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)

@@ -24,11 +24,30 @@ from .allocation import SpectralBitPlan
 from .config import StampConfig
 from .quantizer import TokenBits, validate_bits
 from .reference import stamp_fake_quant_ref
-from .transforms import SequenceTransform, make_transform
+from .transforms import SequenceTransform, block_hadamard, feature_block_size, make_transform
 
 __all__ = ["PLAN_VERSION", "SitePolicy", "AllocationPlan", "load_plan"]
 
 PLAN_VERSION = 1
+
+
+_KLT_CACHE: dict[tuple, SequenceTransform] = {}
+
+
+def _klt_for(autocorr: Tensor) -> SequenceTransform:
+    """One KLT (and so one eigendecomposition per length) per autocorrelation tensor: ops call
+    this on every forward, so rebuilding it would cost an S x S eigh each time."""
+    key = (
+        autocorr.data_ptr(),
+        tuple(autocorr.shape),
+        float(autocorr[0, 0]),
+        float(autocorr[-1, -1]),
+    )
+    if key not in _KLT_CACHE:
+        if len(_KLT_CACHE) >= 1024:
+            _KLT_CACHE.clear()
+        _KLT_CACHE[key] = make_transform("klt", autocorr=autocorr)
+    return _KLT_CACHE[key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +56,7 @@ class SitePolicy:
     sinks at ``high_bits``, then the transformed tokens by :class:`SpectralBitPlan`."""
 
     transform: str = "haar"
+    feature_transform: str = "none"
     levels: int | None = None
     grid: tuple[int, int] | None = None
     sink_tokens: int = 0
@@ -53,6 +73,7 @@ class SitePolicy:
         # Reuse StampConfig's validation for the fields the two share.
         StampConfig(
             transform=self.transform,
+            feature_transform=self.feature_transform,
             levels=self.levels,
             grid=self.grid,
             high_tokens=max(self.high_tokens, self.sink_tokens),
@@ -71,6 +92,7 @@ class SitePolicy:
     ) -> SitePolicy:
         return cls(
             transform=config.transform,
+            feature_transform=config.feature_transform,
             levels=config.levels,
             grid=grid or config.grid,
             sink_tokens=sink_tokens,
@@ -119,8 +141,24 @@ class SitePolicy:
         coeffs = transform.coefficient_length(length - sinks) if length > sinks else 0
         return self.quantized_bits(sinks + coeffs, sinks)
 
+    def feature_block(self, features: int) -> int | None:
+        """Block size of the feature rotation for ``features`` channels (None: no rotation)."""
+        return feature_block_size(features) if self.feature_transform == "hadamard" else None
+
     def apply(self, x: Tensor, seq_dim: int, tensors: Mapping[str, Tensor] | None = None) -> Tensor:
-        """The reference STaMP fake quantization of ``x`` under this policy."""
+        """The reference STaMP fake quantization of ``x`` under this policy: with a feature
+        rotation ``R`` (its own inverse), ``R(stamp(R(x)))``, each step rounded to x's dtype
+        exactly like the compiled ``stamp::hadamard`` / ``stamp::fake_quant`` sequence."""
+        block = self.feature_block(x.shape[-1])
+        if block is None:
+            return self.apply_sequence(x, seq_dim, tensors)
+        rotated = block_hadamard(x, block)
+        return block_hadamard(self.apply_sequence(rotated, seq_dim, tensors), block)
+
+    def apply_sequence(
+        self, x: Tensor, seq_dim: int, tensors: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """The sequence-transform fake quantization alone (``stamp::fake_quant``)."""
         t = self.make_transform(tensors)
         return stamp_fake_quant_ref(
             x,
@@ -149,6 +187,7 @@ class SitePolicy:
                 + "]"
             )
         extra = f" sinks={self.sink_tokens}" if self.sink_tokens else ""
+        extra += " +hadamard" if self.feature_transform == "hadamard" else ""
         extra += " sym" if self.symmetric else ""
         extra += f" g={self.group_size}" if self.group_size else ""
         return f"{xf} bits={bits}{extra}"

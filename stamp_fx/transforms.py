@@ -36,7 +36,13 @@ __all__ = [
     "auto_haar2d_levels",
     "dct_matrix",
     "token_autocorrelation",
+    "FEATURE_TRANSFORMS",
+    "block_hadamard",
+    "feature_block_size",
 ]
+
+FEATURE_TRANSFORMS = ("none", "hadamard")
+"""Optional rotations of the feature (channel) axis applied around the quantizer."""
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 HIGH_PRECISION_TARGET = 64
@@ -427,3 +433,29 @@ class KLT(SequenceTransform):
 
     def describe(self) -> str:
         return f"klt(S<={self.max_length})"
+
+
+# -- feature-axis (channel) transform ------------------------------------------------------------
+
+
+def feature_block_size(features: int, max_block: int = 1 << 14) -> int:
+    """Largest power of two dividing ``features`` (capped): the block of a block-Hadamard
+    rotation when ``features`` is not itself a power of two (576 -> 64, 1536 -> 512)."""
+    if features <= 0:
+        raise ValueError(f"features must be positive, got {features}")
+    return min(features & -features, max_block)
+
+
+def block_hadamard(x: Tensor, block: int) -> Tensor:
+    """Orthonormal block Walsh-Hadamard rotation of the last (feature) dim, natural order:
+    ``x @ (I ⊗ H_block) / sqrt(block)``. Symmetric and orthonormal, hence its own inverse
+    (QuaRot-style online rotation). Computed in float32 for half inputs, returned in x's dtype."""
+    d = x.shape[-1]
+    if block <= 0 or block & (block - 1) or d % block:
+        raise ValueError(
+            f"hadamard block must be a power of two dividing the feature dim {d}, got {block}"
+        )
+    work = x.to(_compute_dtype(x.dtype))
+    blocks = work.reshape(-1, block).T  # [block, rows*groups]: butterflies run along dim 0
+    out = (_fwht0(blocks) / math.sqrt(block)).T.reshape(x.shape)
+    return out.to(x.dtype)

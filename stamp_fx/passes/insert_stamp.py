@@ -1,4 +1,5 @@
-"""Insert ``stamp::fake_quant`` in front of every planned site.
+"""Insert ``stamp::fake_quant`` (between two ``stamp::hadamard`` with a feature rotation) in
+front of every planned site.
 
 Sites that read the same tensor with the same policy (q/k/v projections, gate/up) share one
 quantized tensor: quantize once, not once per consumer. A flattened ``[B*S, D]`` input is
@@ -15,11 +16,12 @@ from ..ops import op_args
 from .context import PassContext, StampMeta
 
 STAMP_OP = torch.ops.stamp.fake_quant.default
+HADAMARD_OP = torch.ops.stamp.hadamard.default
 
 
 def _is_stamp(node: object) -> bool:
     return isinstance(node, fx.Node) and (
-        node.target is STAMP_OP or node.meta.get("stamp_observer", False)
+        node.target in (STAMP_OP, HADAMARD_OP) or node.meta.get("stamp_observer", False)
     )
 
 
@@ -33,6 +35,33 @@ def _autocorr_node(gm: fx.GraphModule, ctx: PassContext, key: str | None) -> fx.
     first = next(n for n in gm.graph.nodes if n.op != "placeholder")
     with gm.graph.inserting_before(first):
         return gm.graph.get_attr(attr)
+
+
+def _annotate(node: fx.Node, origin: fx.Node, meta: StampMeta, consumer: fx.Node) -> None:
+    node.meta["stamp"] = meta
+    if "example_value" in origin.meta:
+        node.meta["example_value"] = origin.meta["example_value"]
+    node.meta["nn_module_stack"] = consumer.meta.get("nn_module_stack", {})
+
+
+def _insert_quantizer(gm, origin, policy, seq_dim, features, autocorr) -> list[fx.Node]:
+    """``fake_quant(origin)``, or ``hadamard(fake_quant(hadamard(origin)))`` with a feature
+    rotation, inserted right after ``origin``; returns the new nodes, the replacement last."""
+    block = policy.feature_block(features) if features else None
+    if policy.feature_transform != "none" and block is None:
+        raise ValueError(
+            f"feature_transform {policy.feature_transform!r} needs a static feature dim"
+        )
+    nodes: list[fx.Node] = []
+    current = origin
+    steps = [(STAMP_OP, (*op_args(policy, seq_dim), autocorr))]
+    if block is not None:
+        steps = [(HADAMARD_OP, (block,)), *steps, (HADAMARD_OP, (block,))]
+    for target, args in steps:
+        with gm.graph.inserting_after(current):
+            current = gm.graph.call_function(target, (current, *args))
+        nodes.append(current)
+    return nodes
 
 
 def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
@@ -55,21 +84,17 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
         autocorr = (
             None if ctx.observer is not None else _autocorr_node(gm, ctx, policy.autocorr_key)
         )
-        with gm.graph.inserting_after(origin):
-            if ctx.observer is not None:
-                quant = gm.graph.call_function(
-                    ctx.observer, (origin, tuple(s.key for s in sites), seq_dim)
-                )
-                quant.meta["stamp_observer"] = True
-            else:
-                quant = gm.graph.call_function(
-                    STAMP_OP, (origin, *op_args(policy, seq_dim), autocorr)
-                )
+        if ctx.observer is not None:
+            with gm.graph.inserting_after(origin):
+                keys = tuple(s.key for s in sites)
+                new_nodes = [gm.graph.call_function(ctx.observer, (origin, keys, seq_dim))]
+            new_nodes[0].meta["stamp_observer"] = True
+        else:
+            new_nodes = _insert_quantizer(gm, origin, policy, seq_dim, sites[0].features, autocorr)
+        for node in new_nodes:
+            _annotate(node, origin, meta, sites[0].consumer)
+        quant = new_nodes[-1]
         inserted += 1
-        quant.meta["stamp"] = meta
-        if "example_value" in origin.meta:
-            quant.meta["example_value"] = origin.meta["example_value"]
-        quant.meta["nn_module_stack"] = sites[0].consumer.meta.get("nn_module_stack", {})
         views: dict[fx.Node, fx.Node] = {}
         for site in sites:
             new_input = quant

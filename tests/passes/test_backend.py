@@ -38,8 +38,9 @@ def arch_and_inputs(draw):
 configs = st.builds(
     StampConfig,
     transform=st.sampled_from(["identity", "haar", "dct", "wht"]),
+    feature_transform=st.sampled_from(["none", "hadamard"]),
     levels=st.none() | st.integers(0, 3),
-    high_tokens=st.integers(0, 8),
+    high_tokens=st.integers(1, 8),  # >= sink_tokens, which counts inside it
     sink_tokens=st.none() | st.integers(0, 1),
     low_bits=st.sampled_from([3, 4]),
     symmetric=st.booleans(),

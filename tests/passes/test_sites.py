@@ -92,3 +92,27 @@ def compile_and_run_plain(model, x, compiler):
     torch._dynamo.reset()
     with torch.no_grad():
         return torch.compile(model, backend=compiler)(x)
+
+
+def test_pixart_haar2d_on_its_token_grid():
+    model, inputs = models.pixart(side=8)  # 4 x 4 token grid; text tokens are not on it
+    compiler = StampCompiler(
+        StampConfig(transform="haar2d", grid=(4, 4), high_tokens=4), inductor=False
+    )
+    compile_and_run(model, inputs, compiler)
+    plan = compiler.last.plan
+    assert plan.sites["transformer_blocks.0.attn1.to_q:in"].transform == "haar2d"
+    assert (
+        plan.sites["transformer_blocks.0.attn1.to_q:in"]
+        .describe()
+        .startswith("haar2d(J=auto) bits=8x4/4")
+    )
+    assert plan.sites["transformer_blocks.0.attn2.to_k:in"].transform == "identity"
+    # A grid that the image sequence does not fill is a skip with a reason, not a crash.
+    model, inputs = models.pixart(side=8)
+    compiler = StampCompiler(StampConfig(transform="haar2d", grid=(8, 8)), inductor=False)
+    compile_and_run(model, inputs, compiler)
+    assert (
+        "does not fill the haar2d grid (8, 8)"
+        in compiler.last.plan.skipped["transformer_blocks.0.attn1.to_q:in"]
+    )

@@ -196,3 +196,34 @@ def test_registry_errors_list_valid_names():
         make_transform("haar").forward(torch.zeros(4, 2, dtype=torch.int32), 0)
     with pytest.raises(ValueError, match="do not come from"):
         make_transform("wht").inverse(torch.zeros(3, 2), 0, length=3)
+
+
+@given(
+    rows=st.integers(1, 5),
+    blocks=st.integers(1, 9),
+    log_block=st.integers(0, 6),
+    seed=seeds,
+    dtype=dtypes,
+)
+def test_block_hadamard_is_orthonormal_and_self_inverse(rows, blocks, log_block, seed, dtype):
+    from stamp_fx.transforms import block_hadamard, feature_block_size
+
+    block = 1 << log_block
+    x = randn((rows, blocks * block), seed, dtype)
+    y = block_hadamard(x, block)
+    scale = x.abs().max().item() or 1.0
+    assert (block_hadamard(y, block).double() - x.double()).abs().max() <= ROUND_TRIP_RTOL[
+        dtype
+    ] * scale * (2 + log_block)
+    assert (
+        abs(y.double().square().sum() - x.double().square().sum())
+        <= ENERGY_RTOL[dtype] * x.double().square().sum() + 1e-30
+    )
+    assert feature_block_size(blocks * block) % block == 0
+
+
+def test_block_hadamard_rejects_bad_blocks():
+    from stamp_fx.transforms import block_hadamard
+
+    with pytest.raises(ValueError, match="power of two dividing the feature dim 12"):
+        block_hadamard(torch.zeros(2, 12), 8)
