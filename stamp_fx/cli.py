@@ -58,6 +58,76 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_lm(name_or_path: str):
+    """A registered model name, or a local Hugging Face causal-LM folder."""
+    if name_or_path in assets.available_models():
+        return assets.load_model(name_or_path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise SystemExit(
+            f"--model {name_or_path!r}: not a folder nor one of {', '.join(assets.available_models())}"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return assets.LoadedModel(path.name, model, AutoTokenizer.from_pretrained(path), str(path))
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .tune import tune
+
+    loaded = _load_lm(args.model)
+    loaded.model.to(args.device)
+    ids = (
+        loaded.tokenizer(assets.load_text(args.text), return_tensors="pt")
+        .input_ids[0]
+        .to(args.device)
+    )
+    windows = token_windows(ids, args.window, args.calib_windows + args.eval_windows)
+    calib, held_out = windows[: args.calib_windows], windows[args.calib_windows :]
+    options = {"transform": args.transform, "feature_transform": args.feature_transform}
+    result = tune(loaded.model, [{"input_ids": w[None]} for w in calib], args.avg_bits, **options)
+    out = Path(args.out)
+    result.plan.save(out)
+    (out.parent / (out.stem + "_report.txt")).write_text(result.report() + "\n")
+    plots = result.plot(str(out.parent / out.stem))
+    print(result.report().splitlines()[-1])
+    print(
+        f"plan: {out}; report and plots: {out.stem}_report.txt, {', '.join(Path(p).name for p in plots)}"
+    )
+    if held_out:
+        from .evaluation import Method
+
+        rule = _uniform_rule_for(result, options)
+        for name, opts in (
+            ("tuned plan", {"plan": result.plan}),
+            (f"uniform rule ({rule['high_tokens']} tokens at 8)", rule),
+        ):
+            model, compiler = compile_method(loaded.model, Method(name, opts), inductor=False)
+            res = perplexity(model, held_out, desc=name)
+            bits = average_bits(compiler.last.plan, compiler.last.sites, args.window)
+            print(
+                f"{name}: perplexity {res.ppl:.3f} at {bits:.4f} bits on {len(held_out)} held-out windows"
+            )
+    return 0
+
+
+def _uniform_rule_for(result, options: dict) -> dict:
+    """The paper's uniform rule at the tuned budget: the largest common high_tokens within it."""
+    grid = sorted(next(iter(result.sites.values())).bits)
+    fitting = [h for h in grid if _uniform_average(result, h) <= result.budget + 1e-9]
+    return {**options, "high_tokens": max(fitting) if fitting else grid[0]}
+
+
+def _uniform_average(result, h: int) -> float:
+    total = weight = 0.0
+    for s in result.sites.values():
+        if h in s.bits:
+            total += s.tokens * s.features * s.bits[h]
+            weight += s.tokens * s.features
+    return total / weight if weight else float("inf")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stamp-fx", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +142,29 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--all", action="store_true", help="also the +Hadamard row")
     demo.add_argument("--quiet", action="store_true", help="no progress lines")
     demo.set_defaults(run=_demo)
+    tn = sub.add_parser("tune", help="per-site bit budgets for a global average, written as a plan")
+    tn.add_argument(
+        "--model", default="smollm2-135m", help="a registered model or a local HF causal-LM folder"
+    )
+    tn.add_argument(
+        "--text",
+        default="wikitext2",
+        help=f"a file, or one of: {', '.join(assets.available_texts())}",
+    )
+    tn.add_argument("--avg-bits", type=float, default=4.25)
+    tn.add_argument("--window", type=int, default=2048)
+    tn.add_argument("--calib-windows", type=int, default=2)
+    tn.add_argument(
+        "--eval-windows",
+        type=int,
+        default=0,
+        help="held-out windows: tuned plan vs the uniform rule",
+    )
+    tn.add_argument("--transform", default="haar")
+    tn.add_argument("--feature-transform", default="hadamard", choices=["none", "hadamard"])
+    tn.add_argument("--out", default="stamp_plan.json")
+    tn.add_argument("--device", default="cpu")
+    tn.set_defaults(run=_tune)
     args = parser.parse_args(argv)
     return args.run(args)
 
