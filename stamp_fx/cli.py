@@ -28,7 +28,7 @@ def _demo(args: argparse.Namespace) -> int:
         f"model {loaded.name} ({loaded.note}); text {args.text}: {ids.numel()} tokens, "
         f"{len(windows)} windows of {args.window}; loaded in {time.perf_counter() - start:.1f}s\n"
     )
-    methods = [m for m in BASE_METHODS if args.all or m.name != "STaMP haar, 64 at 8, +Hadamard"]
+    methods = BASE_METHODS
     rows, stamp_record = [], None
     for method in methods:
         debug = {"debug_dir": str(args.debug_dir)} if method.name == "STaMP haar, 64 at 8" else {}
@@ -139,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--window", type=int, default=512, help="tokens per evaluation window")
     demo.add_argument("--windows", type=int, default=4, help="number of windows")
     demo.add_argument("--debug-dir", type=Path, default=Path("stamp_debug/demo"))
-    demo.add_argument("--all", action="store_true", help="also the +Hadamard row")
     demo.add_argument("--quiet", action="store_true", help="no progress lines")
     demo.set_defaults(run=_demo)
     tn = sub.add_parser("tune", help="per-site bit budgets for a global average, written as a plan")
