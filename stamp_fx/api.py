@@ -85,14 +85,43 @@ def calibrate(
     ``options`` are the backend's policy options (``transform=``, ``avg_bits=``, ...), merged
     over ``config``.
     """
-    config, _ = from_options({**options, **({"config": config} if config is not None else {})})
+    config = merged_config(config, options)
     observer = EnergyObserver()
-    compiler = StampCompiler(config, inductor=False, observer=observer, causal=causal)
-    compiled = torch.compile(model, backend=compiler)
+    compiler = run_observed(
+        model,
+        batches,
+        config,
+        observer,
+        causal=causal,
+        desc="stamp calibrate",
+        show_progress=show_progress,
+    )
+    return observer.finalize(compiler.merged_plan(), config)
+
+
+def merged_config(config: StampConfig | None, options: dict[str, Any]) -> StampConfig:
+    """``options`` (validated like the backend's) merged over ``config``."""
+    return from_options({**options, **({"config": config} if config is not None else {})})[0]
+
+
+def run_observed(
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    config: StampConfig,
+    observer: Any,
+    *,
+    causal: bool | None,
+    desc: str,
+    show_progress: bool,
+) -> StampCompiler:
+    """Compile ``model`` in observer mode (no Inductor), run every batch without gradients and
+    return the compiler (its records hold the sites and plans the observer saw)."""
     batches = list(batches)
     if not batches:
-        raise ValueError("calibrate needs at least one batch")
+        raise ValueError(f"{desc}: needs at least one batch")
+    compiler = StampCompiler(config, inductor=False, observer=observer, causal=causal)
+    compiled = torch.compile(model, backend=compiler)
     with torch.no_grad():
-        for batch in progress(batches, desc="stamp calibrate", enabled=show_progress):
+        for batch in progress(batches, desc=desc, enabled=show_progress):
             run_batch(compiled, batch)
-    return observer.finalize(compiler.merged_plan(), config)
+    return compiler

@@ -26,11 +26,9 @@ import torch
 from torch import Tensor
 
 from .allocation import LayerCurve, allocate_layer_budgets
-from .backend import StampCompiler
-from .calibrate import run_batch
-from .config import StampConfig, from_options
+from .api import merged_config, run_observed
+from .config import StampConfig
 from .plan import AllocationPlan, SitePolicy
-from .progress import progress
 from .reference import theorem1_bound
 
 __all__ = ["DEFAULT_HIGH_TOKEN_GRID", "SiteSensitivity", "TuneResult", "tune"]
@@ -187,17 +185,19 @@ def tune(
     **options: Any,
 ) -> TuneResult:
     """Tune per-site high-precision token counts for a global average of ``avg_bits``."""
-    config, _ = from_options({**options, **({"config": config} if config is not None else {})})
-    grid = sorted(set(high_token_grid) | {config.resolved_sink_tokens(causal=bool(causal))})
+    config = merged_config(config, options)
+    # Options below a site's sinks are skipped per site; include 1 so a sink-only option exists.
+    grid = sorted(set(high_token_grid) | {1})
     observer = SensitivityObserver(model, grid)
-    compiler = StampCompiler(config, inductor=False, observer=observer, causal=causal)
-    compiled = torch.compile(model, backend=compiler)
-    batches = list(batches)
-    if not batches:
-        raise ValueError("tune needs at least one calibration batch")
-    with torch.no_grad():
-        for batch in progress(batches, desc="stamp tune: sensitivity", enabled=show_progress):
-            run_batch(compiled, batch)
+    compiler = run_observed(
+        model,
+        batches,
+        config,
+        observer,
+        causal=causal,
+        desc="stamp tune: sensitivity",
+        show_progress=show_progress,
+    )
     base = compiler.merged_plan()
     curves = []
     for key, s in observer.sites.items():
