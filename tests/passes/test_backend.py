@@ -107,7 +107,7 @@ def _backend_error(options, mode=None):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"bitz": 4}, "unknown stamp option(s) ['bitz']; valid options: allowed_bits"),
+        ({"bitz": 4}, "unknown stamp option(s) ['bitz']; valid options: allocation_metric, allowed_bits"),
         ({"high_bits": 17}, "high_bits must be in 2..16"),
         ({"low_bits": 1}, "low_bits must be in 2..16"),
         ({"transform": "fft"}, "valid: dct, haar, haar2d, identity, klt, wht"),
