@@ -312,3 +312,19 @@ def test_calibrate_with_solver_budget_and_klt():
 
 def test_klt_without_calibration_is_a_clear_error():
     assert "needs a calibrated plan" in _backend_error({"inductor": False, "transform": "klt"})
+
+
+def test_calibrate_range_metric_differs_from_energy_and_keeps_budget():
+    model, _ = models.llama(seq=40)
+    batches = [{"input_ids": models._ids(1, 40, s)} for s in range(2)]
+    plans = {}
+    for metric in ("energy", "range"):
+        torch._dynamo.reset()
+        plans[metric] = stamp_fx.calibrate(model, batches, high_tokens=4, avg_bits=5.0, allocation_metric=metric, show_progress=False)
+    for plan in plans.values():
+        for policy in plan.sites.values():
+            bits = policy.bit_vector(policy.make_transform(), 40)
+            assert sum(bits) / len(bits) <= 5.0 + 1e-9
+    assert any(plans["energy"].sites[k].bands != plans["range"].sites[k].bands for k in plans["energy"].sites)
+    with pytest.raises(ValueError, match="allocation_metric: unknown 'l1'; valid: energy, range"):
+        StampConfig(allocation_metric="l1")
