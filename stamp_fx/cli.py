@@ -58,10 +58,10 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_lm(name_or_path: str):
+def _load_lm(name_or_path: str, gguf_dir: Path | None = None):
     """A registered model name, or a local Hugging Face causal-LM folder."""
     if name_or_path in assets.available_models():
-        return assets.load_model(name_or_path)
+        return assets.load_model(name_or_path, **({"gguf_dir": gguf_dir} if gguf_dir else {}))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name_or_path)
@@ -76,15 +76,16 @@ def _load_lm(name_or_path: str):
 def _tune(args: argparse.Namespace) -> int:
     from .tune import tune
 
-    loaded = _load_lm(args.model)
+    loaded = _load_lm(args.model, args.gguf_dir)
     loaded.model.to(args.device)
     ids = (
         loaded.tokenizer(assets.load_text(args.text), return_tensors="pt")
         .input_ids[0]
         .to(args.device)
     )
-    windows = token_windows(ids, args.window, args.calib_windows + args.eval_windows)
-    calib, held_out = windows[: args.calib_windows], windows[args.calib_windows :]
+    # Held-out windows first (the same ones bench_llm_ppl evaluates), calibration after them.
+    windows = token_windows(ids, args.window, args.eval_windows + args.calib_windows)
+    held_out, calib = windows[: args.eval_windows], windows[args.eval_windows :]
     options = {"transform": args.transform, "feature_transform": args.feature_transform}
     result = tune(loaded.model, [{"input_ids": w[None]} for w in calib], args.avg_bits, **options)
     out = Path(args.out)
@@ -163,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     tn.add_argument("--feature-transform", default="hadamard", choices=["none", "hadamard"])
     tn.add_argument("--out", default="stamp_plan.json")
     tn.add_argument("--device", default="cpu")
+    tn.add_argument(
+        "--gguf-dir",
+        type=Path,
+        default=None,
+        help="folder with the SmolLM2 GGUF (default: the wheel)",
+    )
     tn.set_defaults(run=_tune)
     args = parser.parse_args(argv)
     return args.run(args)
