@@ -1,8 +1,13 @@
 """Inductor-facing lowering of ``stamp::`` ops (installed as ``stamp_fx.lowering``).
 
-* :mod:`.registry`: the lowerings selectable with ``options={"kernel": name}``;
+* :mod:`.registry`: the lowerings selectable with ``options={"kernel": name}``
+  (``reference``, ``inductor``, ``triton``);
 * :mod:`.cache`: :class:`StampSourcePass`, which keys Inductor's FX graph cache on stamp-fx's
-  own source so an upgrade never reuses code compiled against an older op.
+  own source (and the lowering's name) so an upgrade never reuses code compiled against an
+  older op, nor one lowering another's;
+* :mod:`.decompositions`: ``stamp::fake_quant`` as ATen ops for Inductor to fuse;
+* :mod:`.triton_haar`: the hand-written fused Haar kernel (imported lazily: it imports Triton);
+* :mod:`.symbolic`: the few shape questions that need a concrete answer, and their guards.
 """
 
 from .cache import StampSourcePass, inductor_config_patches

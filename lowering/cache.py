@@ -4,6 +4,10 @@ The cache key covers the graph and Inductor's config but not the Python behind a
 fake or real implementation. A ``CustomGraphPass`` installed as ``post_grad_custom_post_pass``
 contributes its ``uuid()`` to the key; ours hashes every source file of the installed package,
 so changing stamp-fx invalidates cached code while an unchanged one still hits the cache.
+
+The uuid also names the lowering. AOTAutograd's cache keys the graph *before* decompositions
+(and the decomposition table is not part of any key), so without the name a graph compiled with
+one lowering would be served, from cache, to a compile that asked for another.
 """
 
 from __future__ import annotations
@@ -32,15 +36,19 @@ def source_hash() -> str:
 
 
 class StampSourcePass(CustomGraphPass):
-    """A post-grad pass that changes nothing; its uuid ties cached code to stamp-fx's source."""
+    """A post-grad pass that changes nothing; its uuid ties cached code to stamp-fx's source
+    and to the lowering (``tag``) that produced it."""
+
+    def __init__(self, tag: str = "") -> None:
+        self.tag = tag
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         return None
 
     def uuid(self) -> Any:
-        return source_hash()
+        return f"{source_hash()}:{self.tag}"
 
 
-def inductor_config_patches() -> dict[str, Any]:
-    """Config patches every stamp compile adds to ``compile_fx``."""
-    return {"post_grad_custom_post_pass": StampSourcePass()}
+def inductor_config_patches(tag: str = "") -> dict[str, Any]:
+    """Config patches every stamp compile adds to ``compile_fx`` (``tag``: the lowering name)."""
+    return {"post_grad_custom_post_pass": StampSourcePass(tag)}

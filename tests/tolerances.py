@@ -35,3 +35,17 @@ SQNR_FLOOR_16BIT_DB = 80.0
 # floor relative to the output norm for runs where float32 and float64 agree to rounding.
 MODEL_ERROR_RATIO = 2.0
 MODEL_ERROR_FLOOR_REL = 1e-5
+
+# Fused kernels (the hand-written Triton kernel, Inductor's generated code) against the
+# reference once a value has been dequantized (DESIGN.md section 5, "ulp-level"): integer codes
+# and q/dq values are compared exactly; the output after the inverse transform within
+# FUSED_OUTPUT_ULPS ulps of the output dtype at each element's magnitude plus
+# FUSED_OUTPUT_ABS_F32_ULPS float32 ulps of the largest |reference| (inverse-transform sums of
+# nearly cancelling terms have a tiny magnitude but carry the rounding of their summands).
+FUSED_OUTPUT_ULPS = {torch.float32: 8, torch.bfloat16: 1, torch.float16: 1}
+FUSED_OUTPUT_ABS_F32_ULPS = 8
+
+# Inductor's Triton code on CUDA multiplies by the reciprocal of constant divisors and fuses
+# multiply-adds, so a transformed coefficient sitting on a rounding tie may get the neighbouring
+# code: at most this fraction of output elements may then be off by up to one quantization step.
+GPU_TIE_FRACTION = 1e-3

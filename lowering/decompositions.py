@@ -1,0 +1,510 @@
+"""Inductor decomposition of ``stamp::fake_quant`` into ATen ops (the ``"inductor"`` lowering).
+
+Contract: :func:`stamp_fake_quant_decomposition` computes exactly what the op's reference
+implementation (:meth:`stamp_fx.plan.SitePolicy.apply`, i.e. ``reference.py``) computes, written
+only with traceable torch ops so Inductor can fuse the sequence transform, the per-token
+(per-group) min/max reduction, quantize, dequantize and the inverse transform into a few generated
+kernels (C++ on the CPU, Triton on CUDA) with no call back into a ``stamp::`` op. Step by step,
+with ``s`` sinks and ``L = S - s`` transformed tokens along ``seq_dim``:
+
+1. move ``seq_dim`` to the front (a view) and cast to the working dtype (float32; float64 stays);
+2. ``z = cat(x[:s], T(pad(x[s:])))``: ``T`` comes from :data:`TRANSFORM_DECOMPOSITIONS`;
+3. the bit width of quantized token ``p`` is a function of ``p`` alone, built from an ``arange``
+   and comparisons (first-``high_tokens`` rule, or the ``band_edges``/``band_bits`` plan), so it
+   stays symbolic in the length instead of becoming a Python list of ``S`` entries;
+4. per-token (per-group) min-max fake quantization in float32, op for op as
+   :mod:`stamp_fx.quantizer` does it (so the integer codes are the same);
+5. ``cat(z_hat[:s], T^-1(z_hat[s:]))`` cropped to ``S``, moved back, rounded once to ``x.dtype``.
+
+What is decomposed: ``identity``, ``haar`` (J levels, zero-padded to a multiple of ``2**J`` with
+a symbolic pad, output order ``[a_J, d_J, ..., d_1]``), ``haar2d`` (through the reference
+transform object, which is plain torch code; the grid fixes the length, so the length is
+guarded to ``H * W``), ``dct`` (a matmul with the DCT-II matrix, built in the graph from an
+``arange`` so the length may stay symbolic; the GEMM is Inductor's extern ``mm``, not a stamp
+op) and ``wht`` (the reference's butterflies on the padded power-of-two size, with the
+sequency permutation as a constant index). What is not: ``klt`` takes its basis from an
+eigendecomposition of the calibrated autocorrelation tensor, a data-dependent LAPACK call that
+Inductor cannot fuse; the decomposition returns ``NotImplemented`` for it (and for any transform
+registered later without a decomposition), which leaves that op as an extern call to the
+reference implementation (:func:`ensure_extern_fallback` keeps that path open).
+
+Dynamic lengths: the length stays symbolic except where a concrete number is unavoidable, each
+case guarded by a helper in :mod:`.symbolic` (``levels=-1`` auto Haar levels and the WHT's
+power-of-two size guard on the bracket of lengths sharing the answer; sinks guard on
+``S <= sink_tokens``).
+
+Numerics: on the CPU Inductor's C++ divides exactly and does not contract multiply-adds, so the
+compiled result is bit-identical to the reference for every transform but ``dct`` (its matrix is
+built with Inductor's ``cos``, which may differ from eager's in the last float64 bit). On CUDA,
+Inductor's Triton code multiplies by the reciprocal of constant divisors and fuses multiply-adds,
+so results agree to float32 rounding before the last cast (a rare token may land on the other
+side of a rounding tie, i.e. one quantization step).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from stamp_fx.plan import SitePolicy
+from stamp_fx.transforms import _sequency_order
+
+from .symbolic import IntLike, ceil_to, haar_levels, next_pow2_bracket
+
+__all__ = [
+    "TRANSFORM_DECOMPOSITIONS",
+    "TransformDecomposition",
+    "register_transform_decomposition",
+    "decomposable_transforms",
+    "stamp_fake_quant_traceable",
+    "stamp_fake_quant_decomposition",
+    "decomposition_table",
+    "token_qmax",
+]
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)  # the same double the reference multiplies by
+
+TRANSFORM_DECOMPOSITIONS: dict[str, type[TransformDecomposition]] = {}
+"""Transform name -> traceable twin of :class:`stamp_fx.transforms.SequenceTransform`."""
+
+
+def register_transform_decomposition(
+    name: str,
+) -> Callable[[type[TransformDecomposition]], type[TransformDecomposition]]:
+    """Class decorator adding a traceable transform to :data:`TRANSFORM_DECOMPOSITIONS`."""
+
+    def deco(cls: type[TransformDecomposition]) -> type[TransformDecomposition]:
+        if name in TRANSFORM_DECOMPOSITIONS:
+            raise ValueError(f"transform decomposition {name!r} is already registered")
+        cls.name = name
+        TRANSFORM_DECOMPOSITIONS[name] = cls
+        return cls
+
+    return deco
+
+
+def decomposable_transforms() -> tuple[str, ...]:
+    return tuple(sorted(TRANSFORM_DECOMPOSITIONS))
+
+
+class TransformDecomposition(ABC):
+    """One site's sequence transform along dim 0, for a (possibly symbolic) ``length``.
+
+    ``forward`` maps ``[length, ...]`` to ``[coefficient_length, ...]`` (zero-padding where the
+    transform needs it); ``inverse`` maps back and crops to ``[length, ...]``. Inputs are already
+    in the working dtype. The arithmetic must match the reference transform's op for op, since
+    the quantization codes are compared exactly.
+    """
+
+    name = "?"
+
+    def __init__(self, policy: SitePolicy, length: IntLike):
+        self.policy = policy
+        self.length = length
+
+    @property
+    def coefficient_length(self) -> IntLike:
+        return self.length
+
+    @abstractmethod
+    def forward(self, x0: Tensor) -> Tensor: ...
+
+    def forward_parts(self, x0: Tensor) -> list[Tensor]:
+        """``forward(x0)`` as consecutive row blocks (the caller concatenates them once, with
+        the sink rows in front, so Inductor writes every block straight into one buffer)."""
+        return [self.forward(x0)]
+
+    @abstractmethod
+    def inverse(self, y0: Tensor) -> Tensor: ...
+
+
+def _pad0(x0: Tensor, total: IntLike, length: IntLike) -> Tensor:
+    """Zero-pad dim 0 from ``length`` to ``total`` rows (the pad may be symbolic)."""
+    pad = total - length
+    if isinstance(pad, int) and pad == 0:
+        return x0
+    # constant_pad_nd lists (before, after) pairs from the last dim backwards.
+    return torch.constant_pad_nd(x0, [0, 0] * (x0.ndim - 1) + [0, pad])
+
+
+@register_transform_decomposition("identity")
+class IdentityDecomposition(TransformDecomposition):
+    def forward(self, x0: Tensor) -> Tensor:
+        return x0
+
+    def inverse(self, y0: Tensor) -> Tensor:
+        return y0
+
+
+def _haar_merge0(approx: Tensor, detail: Tensor) -> Tensor:
+    """Inverse Haar step along dim 0: row ``2i + b`` is ``(approx[i] +/- detail[i]) / sqrt 2``.
+
+    The reference stacks the even and odd rows and flattens; here each output row picks its
+    sign by parity from row-repeated (expanded, not copied) inputs, which Inductor turns into
+    index arithmetic inside one pointwise kernel instead of a materialised stack per level.
+    Same two roundings per element as the reference, so the result is bit-identical.
+    """
+    rows, rest = approx.shape[0], approx.shape[1:]
+    up = lambda t: t.unsqueeze(1).expand(rows, 2, *rest).flatten(0, 1)  # noqa: E731
+    # +1 on even rows, -1 on odd ones: ``a + (-1) * d`` is exactly ``a - d`` (and stays exact
+    # if a backend fuses it into an FMA); one read of each input keeps Inductor from
+    # realising every level (a where() over both branches would read each twice per level).
+    parity = torch.arange(2 * rows, device=approx.device) % 2
+    sign = (1 - 2 * parity).to(approx.dtype).view(-1, *([1] * len(rest)))
+    return (up(approx) + sign * up(detail)) * _INV_SQRT2
+
+
+@register_transform_decomposition("haar")
+class HaarDecomposition(TransformDecomposition):
+    """J-level Haar; ``levels=-1`` resolves per length (a guard on the length bracket)."""
+
+    def __init__(self, policy: SitePolicy, length: IntLike):
+        super().__init__(policy, length)
+        requested = -1 if policy.levels is None else policy.levels
+        self.levels = haar_levels(length, requested, max(1, policy.high_tokens))
+        self.block = 1 << self.levels
+        self.padded = ceil_to(length, self.block) if self.levels else length
+
+    @property
+    def coefficient_length(self) -> IntLike:
+        return self.padded
+
+    def forward_parts(self, x0: Tensor) -> list[Tensor]:
+        """The bands ``[a_J, d_J, ..., d_1]``."""
+        approx, details = _pad0(x0, self.padded, self.length), []
+        for _ in range(self.levels):
+            pairs = approx.unflatten(0, (-1, 2))
+            even, odd = pairs.select(1, 0), pairs.select(1, 1)
+            approx, detail = (even + odd) * _INV_SQRT2, (even - odd) * _INV_SQRT2
+            details.append(detail)
+        return [approx, *reversed(details)]
+
+    def forward(self, x0: Tensor) -> Tensor:
+        parts = self.forward_parts(x0)
+        return torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+
+    def inverse(self, y0: Tensor) -> Tensor:
+        if not self.levels:
+            return y0
+        base = self.padded // self.block
+        sizes = [base] + [base * (1 << j) for j in range(self.levels)]
+        bands = torch.split(y0, sizes, 0)
+        approx = bands[0]
+        for detail in bands[1:]:
+            approx = _haar_merge0(approx, detail)
+        return approx[: self.length]
+
+
+@register_transform_decomposition("haar2d")
+class Haar2DDecomposition(TransformDecomposition):
+    """The reference :class:`~stamp_fx.transforms.Haar2D` is already plain torch code on a
+    concrete grid; the length is guarded to ``H * W`` (a mismatch is the user error the
+    reference raises too)."""
+
+    def __init__(self, policy: SitePolicy, length: IntLike):
+        super().__init__(policy, length)
+        self.transform = policy.make_transform()
+        grid = self.transform.grid
+        if length != grid[0] * grid[1]:
+            raise ValueError(
+                f"haar2d grid {grid} holds {grid[0] * grid[1]} tokens, but the sequence "
+                f"(after {policy.sink_tokens} sink tokens) has {length}"
+            )
+        self.length = grid[0] * grid[1]
+
+    @property
+    def coefficient_length(self) -> IntLike:
+        return self.transform.coefficient_length(self.length)
+
+    def forward(self, x0: Tensor) -> Tensor:
+        return self.transform.forward(x0, 0)
+
+    def inverse(self, y0: Tensor) -> Tensor:
+        return self.transform.inverse(y0, 0, length=self.length)
+
+
+def _f64_scalar(value: IntLike | float, like: Tensor) -> Tensor:
+    return torch.full((), value, dtype=torch.float64, device=like.device)
+
+
+def _matmul0(m: Tensor, x0: Tensor) -> Tensor:
+    """``m @ x0`` along dim 0, reshaped exactly as the reference does (same GEMM shape)."""
+    return (m @ x0.reshape(x0.shape[0], -1)).reshape(m.shape[0], *x0.shape[1:])
+
+
+@register_transform_decomposition("dct")
+class DCTDecomposition(TransformDecomposition):
+    """DCT-II as a matmul with the orthonormal matrix, built in the graph (symbolic length)."""
+
+    def _matrix(self, like: Tensor) -> Tensor:
+        n = self.length
+        k = torch.arange(n, dtype=torch.float64, device=like.device).unsqueeze(1)
+        t = torch.arange(n, dtype=torch.float64, device=like.device).unsqueeze(0)
+        # Same expression order as stamp_fx.transforms.dct_matrix (float64, then cast).
+        norm = math.sqrt(2.0 / n) if isinstance(n, int) else torch.sqrt(2.0 / _f64_scalar(n, like))
+        c = torch.cos(math.pi * (2 * t + 1) * k / (2 * n)) * norm
+        c = torch.where(k == 0, c * _INV_SQRT2, c)
+        return c.to(like.dtype)
+
+    def forward(self, x0: Tensor) -> Tensor:
+        return _matmul0(self._matrix(x0), x0)
+
+    def inverse(self, y0: Tensor) -> Tensor:
+        return _matmul0(self._matrix(y0).T, y0)
+
+
+@register_transform_decomposition("wht")
+class WHTDecomposition(TransformDecomposition):
+    """Sequency-ordered Walsh-Hadamard: the butterflies need a concrete power-of-two size, so the
+    length is guarded to its bracket ``2**(m-1) < L <= 2**m`` (the padded size, the butterflies
+    and the sequency permutation are then constants of the graph)."""
+
+    def __init__(self, policy: SitePolicy, length: IntLike):
+        super().__init__(policy, length)
+        self.size = next_pow2_bracket(length)
+
+    @property
+    def coefficient_length(self) -> IntLike:
+        return self.size
+
+    def _sequency_order(self, like: Tensor) -> Tensor:
+        """Natural-order Hadamard row of the Walsh function with ``k`` sign changes: a constant
+        of the (concrete) padded size. Computing it in the graph with shifts and masks is
+        possible but makes Inductor's index analysis crawl (tens of seconds at 512 tokens)."""
+        return torch.tensor(_sequency_order(self.size), device=like.device)
+
+    def _natural_to_sequency(self, like: Tensor) -> Tensor:
+        """The inverse permutation (sequency index of natural row ``r``)."""
+        inverse = [0] * self.size
+        for k, r in enumerate(_sequency_order(self.size)):
+            inverse[r] = k
+        return torch.tensor(inverse, device=like.device)
+
+    def _fwht0(self, x0: Tensor) -> Tensor:
+        """The reference's butterflies, op for op. (Writing each stage as ``a + sign * b`` on
+        expanded views, as the Haar inverse does, makes every stage index arithmetic; over
+        ``log2 n`` stages that slows Inductor's C++ code generation twofold for no gain.)"""
+        n = self.size
+        flat = x0.reshape(n, -1)
+        h = 1
+        while h < n:
+            pairs = flat.view(n // (2 * h), 2, h, flat.shape[1])
+            a, b = pairs[:, 0], pairs[:, 1]
+            flat = torch.stack((a + b, a - b), 1).view(n, -1)
+            h *= 2
+        return flat.view(x0.shape)
+
+    def forward(self, x0: Tensor) -> Tensor:
+        padded = _pad0(x0, self.size, self.length)
+        return self._fwht0(padded).index_select(0, self._sequency_order(x0)) / math.sqrt(self.size)
+
+    def inverse(self, y0: Tensor) -> Tensor:
+        natural = y0.index_select(0, self._natural_to_sequency(y0))
+        return (self._fwht0(natural) / math.sqrt(self.size))[: self.length]
+
+
+# -- quantization -----------------------------------------------------------------------------
+
+
+def _band_bound(edge: float, n: IntLike, like: Tensor) -> IntLike | Tensor:
+    """``round(edge * n)`` as :class:`~stamp_fx.allocation.SpectralBitPlan` computes it (Python's
+    round half to even on a double); a float64 tensor when ``n`` is symbolic, where
+    ``torch.round`` is the same function on the same double."""
+    if isinstance(n, int):
+        return round(edge * n)
+    return torch.round(edge * _f64_scalar(n, like))
+
+
+def token_qmax(
+    policy: SitePolicy, sinks: IntLike, coeffs: IntLike, *, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """Largest code of every token of the quantized sequence (``sinks + coeffs`` tokens).
+
+    Asymmetric: ``2**b - 1``; symmetric: ``2**(b-1) - 1``; ``b`` per position as
+    :meth:`SitePolicy.quantized_bits` assigns it. Built from an ``arange`` so a symbolic length
+    stays symbolic.
+    """
+    pos = torch.arange(sinks + coeffs, device=device)
+
+    def qmax(bits: int) -> Tensor:
+        value = 2 ** (bits - 1) - 1 if policy.symmetric else 2**bits - 1
+        return torch.full((), float(value), dtype=dtype, device=device)
+
+    if policy.bands is None:
+        return torch.where(pos < policy.high_tokens, qmax(policy.high_bits), qmax(policy.low_bits))
+    # Bands over the coefficients; the sinks before them are at high_bits.
+    k = pos - sinks
+    kf = k.to(torch.float64)
+    widths = policy.bands.bits
+    out = qmax(widths[-1]).expand(pos.shape)
+    for j in range(len(widths) - 2, -1, -1):
+        bound = _band_bound(policy.bands.edges[j], coeffs, pos)
+        below = (k < bound) if isinstance(bound, int) else (kf < bound)
+        out = torch.where(below, qmax(widths[j]), out)
+    return torch.where(k < 0, qmax(policy.high_bits), out)
+
+
+def _fake_quant_rows(z: Tensor, qmax: Tensor, policy: SitePolicy) -> Tensor:
+    """Per-token (per-group) min-max fake quant of ``z`` ([Q, ..., D], tokens on dim 0), with
+    exactly :mod:`stamp_fx.quantizer`'s operations so the codes agree bit for bit."""
+    d = z.shape[-1]
+    if policy.group_size is None:
+        g = z.unsqueeze(-2)
+    else:
+        if d % policy.group_size:
+            raise ValueError(f"group_size {policy.group_size} does not divide the feature dim {d}")
+        g = z.unflatten(-1, (d // policy.group_size, policy.group_size))
+    qm = qmax.view([qmax.shape[0]] + [1] * (g.ndim - 1))
+    tiny = torch.finfo(z.dtype).tiny
+    if policy.symmetric:
+        scale = (g.abs().amax(-1, keepdim=True) / qm).clamp_min(tiny)
+        codes = torch.minimum(torch.maximum(torch.round(g / scale), -qm), qm)
+        out = codes * scale
+    else:
+        lo = g.amin(-1, keepdim=True)
+        scale = ((g.amax(-1, keepdim=True) - lo) / qm).clamp_min(tiny)
+        codes = torch.minimum(torch.round((g - lo) / scale).clamp_min(0.0), qm)
+        out = codes * scale + lo
+    return out.flatten(-2)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    if not dtype.is_floating_point:
+        raise TypeError(f"stamp::fake_quant takes a floating-point tensor, got {dtype}")
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stamp_fake_quant_traceable(x: Tensor, policy: SitePolicy, seq_dim: int) -> Tensor:
+    """:meth:`SitePolicy.apply` written for tracing (see the module docstring); also runs eagerly.
+
+    Raises ``ValueError`` for a transform without a decomposition (see
+    :data:`TRANSFORM_DECOMPOSITIONS`) and for the errors the reference raises.
+    """
+    try:
+        transform_cls = TRANSFORM_DECOMPOSITIONS[policy.transform]
+    except KeyError:
+        raise ValueError(
+            f"transform {policy.transform!r} has no Inductor decomposition; decomposable: "
+            f"{', '.join(decomposable_transforms())}"
+        ) from None
+    seq_dim = seq_dim % x.ndim
+    if seq_dim == x.ndim - 1:
+        raise ValueError("seq_dim must not be the feature (last) dim")
+    x0 = x.movedim(seq_dim, 0).to(_work_dtype(x.dtype))
+    length = x0.shape[0]
+    if policy.sink_tokens and length <= policy.sink_tokens:  # a guard when symbolic
+        # Every position is a sink: plain per-token quantization, no transform.
+        qmax = token_qmax(policy, length, 0, device=x.device, dtype=x0.dtype)
+        return _fake_quant_rows(x0, qmax, policy).movedim(0, seq_dim).to(x.dtype).contiguous()
+    sinks = policy.sink_tokens
+    transform = transform_cls(policy, length - sinks)
+    parts = transform.forward_parts(x0[sinks:] if sinks else x0)
+    if sinks:
+        parts = [x0[:sinks], *parts]
+    z = torch.cat(parts, 0) if len(parts) > 1 else parts[0]
+    qmax = token_qmax(policy, sinks, transform.coefficient_length, device=x.device, dtype=x0.dtype)
+    z_hat = _fake_quant_rows(z, qmax, policy)
+    # Back to the caller's layout and dtype *before* the final concatenation, so the output
+    # buffer is written once in its final layout (no permuting copy, no float32 staging).
+    restore = lambda t: t.movedim(0, seq_dim).to(x.dtype)  # noqa: E731
+    if not sinks:
+        return restore(transform.inverse(z_hat)).contiguous()
+    head, coeffs = z_hat[:sinks], z_hat[sinks:]
+    return torch.cat([restore(head), restore(transform.inverse(coeffs))], seq_dim)
+
+
+def policy_of(
+    transform: str,
+    levels: int,
+    grid: list[int],
+    sink_tokens: int,
+    high_tokens: int,
+    high_bits: int,
+    low_bits: int,
+    band_edges: list[float],
+    band_bits: list[int],
+    symmetric: bool,
+    group_size: int,
+    autocorr: Tensor | None,
+) -> SitePolicy:
+    """The :class:`SitePolicy` spelled out by ``stamp::fake_quant``'s arguments (validated).
+
+    The arguments are configuration, so symbolic ones (Dynamo makes closure ints symbolic under
+    ``dynamic=True`` when the op is called from traced Python) are specialised to their value.
+    """
+    from stamp_fx.ops import policy_from_op_args
+
+    concrete = lambda v: int(v) if isinstance(v, torch.SymInt) else v  # noqa: E731
+    return policy_from_op_args(
+        transform, concrete(levels), [concrete(g) for g in grid], concrete(sink_tokens),
+        concrete(high_tokens), concrete(high_bits), concrete(low_bits),
+        [float(e) for e in band_edges], [concrete(b) for b in band_bits],
+        bool(symmetric), concrete(group_size), autocorr is not None,
+    )  # fmt: skip
+
+
+def stamp_fake_quant_decomposition(
+    x: Tensor,
+    seq_dim: int,
+    transform: str,
+    levels: int,
+    grid: list[int],
+    sink_tokens: int,
+    high_tokens: int,
+    high_bits: int,
+    low_bits: int,
+    band_edges: list[float],
+    band_bits: list[int],
+    symmetric: bool,
+    group_size: int,
+    autocorr: Tensor | None = None,
+):
+    """Decomposition of ``stamp::fake_quant.default`` (same signature as the op).
+
+    Returns ``NotImplemented`` (Inductor then keeps the op as an extern call to the reference)
+    for a transform without a traceable twin, i.e. ``klt``.
+    """
+    if transform not in TRANSFORM_DECOMPOSITIONS or autocorr is not None:
+        return NotImplemented
+    policy = policy_of(
+        transform, levels, grid, sink_tokens, high_tokens, high_bits, low_bits,
+        band_edges, band_bits, symmetric, group_size, autocorr,
+    )  # fmt: skip
+    return stamp_fake_quant_traceable(x, policy, seq_dim)
+
+
+def ensure_extern_fallback(op: torch._ops.OpOverload) -> None:
+    """Give ``op`` Inductor's extern-kernel fallback up front.
+
+    Inductor creates that fallback itself the first time it meets an op without a lowering, but
+    refuses to when the op also has an entry in the decomposition table, which is the case for
+    a ``stamp::fake_quant`` whose decomposition declined (``NotImplemented``, e.g. ``klt``).
+    Registering the same fallback (same layout constraint as Inductor's implicit one) first
+    keeps that path open; it is the lowering the ``reference`` lowering gets anyway.
+    """
+    from torch._inductor import lowering as inductor_lowering
+
+    if op in inductor_lowering.lowerings:
+        return
+    from torch._library.utils import get_layout_constraint_tag
+
+    tag = get_layout_constraint_tag(op, with_default=True)
+    inductor_lowering.make_fallback(
+        op,
+        layout_constraint=inductor_lowering.tag_to_layout_constraint(tag),
+        warn=False,
+        override_decomp=True,
+    )
+
+
+def decomposition_table() -> dict:
+    """``{stamp::fake_quant.default: stamp_fake_quant_decomposition}`` for ``compile_fx``."""
+    import stamp_fx.ops  # noqa: F401  (registers torch.ops.stamp.fake_quant)
+
+    op = torch.ops.stamp.fake_quant.default
+    ensure_extern_fallback(op)
+    return {op: stamp_fake_quant_decomposition}

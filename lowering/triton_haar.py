@@ -1,0 +1,691 @@
+"""Hand-written fused Triton kernel for the default STaMP site (the ``"triton"`` lowering).
+
+What it computes: exactly :func:`stamp_fx.reference.stamp_fake_quant_ref` for ``transform="haar"``
+with ``J`` levels, the first-``high_tokens`` rule (``high_bits`` / ``low_bits``), ``s`` sink
+tokens, per-token min-max quantization (asymmetric, or symmetric), on ``x`` of shape
+``[..., S, D]`` (sequence on dim -2, features contiguous on dim -1), fp16 / bf16 / fp32, with
+float32 math inside and one rounding to ``x.dtype`` at the end. Other sites (band plans, groups,
+other transforms, another sequence dim, the CPU) go to the ``"inductor"`` decomposition.
+
+Tiling. A J-level Haar transform is block-local: input tokens ``s + g*2**J .. s + (g+1)*2**J - 1``
+(group ``g``, zero-padded past the end) produce exactly ``2**J`` coefficients, one per band
+position: ``a_J[g]``, ``d_J[g]``, ``d_{J-1}[2g..2g+1]``, ..., ``d_1[2**(J-1) g ..]``; and the inverse
+of those ``2**J`` coefficients gives back exactly those input tokens. So the unit of work is a
+*tile* of ``R = 2**J`` consecutive tokens of one batch row: it is transformed, quantized and
+inverted without ever looking at another tile. Inside a tile the ``R`` coefficients are kept in
+the canonical order ``[a_J, d_J, d_{J-1} (2), ..., d_1 (R/2)]`` (recursive halving with
+``tl.split`` / ``tl.join``, the reference's exact operations and rounding), and every coefficient
+knows its position in the global quantized sequence ``[sinks, a_J, d_J, ..., d_1]``
+(``p = s + n/2**j + g*R/2**j + i`` for ``d_j``), which gives its bit width (``p < high_tokens``).
+Sink tokens form their own tiles with no transform.
+
+The catch is the per-token range: one coefficient row spans all ``D`` features, and a
+``R x D`` float32 tile (``32 x 4096`` at J=5) is far too large for one program's registers.
+So a tile is split over ``chunks = ceil(D / BLOCK_D)`` programs. Each thread of a program keeps
+all ``R`` tokens of ``F`` features in registers (``F * R <= SLAB_REGISTERS``, so the butterflies
+along the tokens never leave the thread; ``BLOCK_D = F * 32 * WARPS``), and the programs of one
+tile exchange their partial per-row min/max. Schedules (``schedule=``):
+
+* ``"local"`` (``chunks == 1``): one program sees whole rows; no exchange. Reads and writes the
+  activation once.
+* ``"fused"`` (GPU, ``chunks <=`` SM count): each program folds its partial min/max into a
+  workspace with integer ``atomic_max`` on an order-preserving encoding of the float (zero, the
+  value of a fresh workspace, means "nothing yet"), then waits at a per-tile arrival counter
+  until all ``chunks`` programs of its tile have contributed, reads the final range and
+  finishes from the slab it still holds in registers. The activation is read once and written
+  once: the only extra traffic is ``2 * 8`` bytes of atomics per row and chunk and a zeroed
+  workspace of ``8 * (2 * tokens + tiles)`` bytes. Programs take their tile from a ticket
+  counter (``atomic_add``) rather than ``program_id``, so tiles are handed out in the order
+  programs actually start: a waiting program only ever waits for programs that started before
+  it or will start as soon as any earlier tile finishes, which cannot deadlock as long as one
+  tile's ``chunks`` programs fit on the GPU at once (guaranteed by ``chunks <=`` SM count).
+* ``"two_pass"`` (the Triton interpreter, which runs programs one at a time, or ``chunks`` above
+  the SM count): the same kernel launched twice, a statistics pass (atomics only) and an apply
+  pass that reloads the slab and recomputes the forward transform. The activation is read twice.
+
+Bit-exactness: the integer codes, the q/dq values and (in practice) the output equal the
+reference bit for bit, in the interpreter and on the GPU: every multiply is PTX ``mul.rn``
+(never contracted into an FMA with a neighbouring add), divisions round like IEEE ``div``, and
+the per-element division by the scale is a multiply by its reciprocal with an exact fallback for
+slabs holding a near-tie (see :func:`_quantize_tile`).
+
+Performance (H200, bf16, measured with CUDA-graph replay; ``benchmarks/bench_kernels.py``): the
+kernel reaches 12-20 % of the device-to-device copy bandwidth, about the speed of Inductor's
+code for the ``inductor`` decomposition, far from the 80 % target. It is instruction-bound, not
+memory-bound: ~100 SASS instructions per element where ~35 would keep up with HBM. The cost
+sits in values that are per *token* (positions, ranges, scales, keys: ``R`` registers each, the
+same in all 32 x ``WARPS`` threads, recomputed by each), in the cross-thread min/max shuffles (one
+feature per thread at ``J >= 6``) and in register spills from ``J = 6`` on (``R = 64`` tokens per
+thread). Levers not yet pulled: spreading the per-token vectors over the threads (one token per
+thread, then a broadcast), tokens split over a few lanes with the coarse levels done by
+shuffles, and several features per thread with the tile held in bf16 until the barrier.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.library import triton_op, wrap_triton
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+from stamp_fx.plan import SitePolicy
+
+from .cache import source_hash
+from .decompositions import policy_of
+from .symbolic import IntLike, ceil_to, haar_levels
+
+__all__ = [
+    "MAX_LEVELS",
+    "SCHEDULES",
+    "SLAB_REGISTERS",
+    "haar_fake_quant",
+    "haar_fake_quant_probe",
+    "eligible",
+    "TritonHaarRouting",
+    "routing_config_patches",
+    "interpreted",
+]
+
+MAX_LEVELS = 8
+"""Deepest Haar the kernel handles (a 256-token tile); deeper sites use the decomposition."""
+SLAB_REGISTERS = 64
+"""Float32 slab values one thread keeps in registers (``R`` tokens x ``F`` features)."""
+WARPS = 4
+"""Warps per program; a slab is ``F * 32 * WARPS`` features wide."""
+SCHEDULES = ("auto", "local", "fused", "two_pass")
+
+_MODE_LOCAL, _MODE_FUSED, _MODE_STATS, _MODE_APPLY = 0, 1, 2, 3
+INV_SQRT2 = tl.constexpr(1.0 / math.sqrt(2.0))  # the double the reference multiplies by
+TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
+ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
+
+
+# -- device functions ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _mul(a, b, EXACT: tl.constexpr):
+    """``a * b`` rounded on its own. With ``EXACT`` (compiled GPU code) it is PTX ``mul.rn``,
+    which the compiler never contracts with a neighbouring add into an FMA, so the butterflies
+    and the dequantization round exactly like the reference's separate torch ops; the
+    interpreter (NumPy) never fuses, so it multiplies plainly."""
+    if EXACT:
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return a * b
+
+
+@triton.jit
+def _by_inv_sqrt2(a, EXACT: tl.constexpr):
+    return _mul(a, tl.full(a.shape, INV_SQRT2, tl.float32), EXACT)
+
+
+@triton.jit
+def _haar_forward(t, DEPTH: tl.constexpr, EXACT: tl.constexpr):
+    """``[BLOCK_D, M]`` slab of ``M = 2**DEPTH`` consecutive tokens (columns) -> its Haar
+    coefficients in canonical order ``[a, d_DEPTH, ..., d_1]`` along the columns."""
+    if DEPTH == 0:
+        return t
+    else:
+        even, odd = tl.split(tl.reshape(t, [t.shape[0], t.shape[1] // 2, 2]))
+        approx = _by_inv_sqrt2(even + odd, EXACT)
+        detail = _by_inv_sqrt2(even - odd, EXACT)
+        head = _haar_forward(approx, DEPTH - 1, EXACT)
+        # concat(head, detail) along the columns: pair them, then put the pair axis first.
+        both = tl.permute(tl.join(head, detail), (0, 2, 1))
+        return tl.reshape(both, [t.shape[0], t.shape[1]])
+
+
+@triton.jit
+def _haar_inverse(t, DEPTH: tl.constexpr, EXACT: tl.constexpr):
+    """Inverse of :func:`_haar_forward`: canonical coefficients -> tokens."""
+    if DEPTH == 0:
+        return t
+    else:
+        halves = tl.permute(tl.reshape(t, [t.shape[0], 2, t.shape[1] // 2]), (0, 2, 1))
+        head, detail = tl.split(halves)
+        approx = _haar_inverse(head, DEPTH - 1, EXACT)
+        even = _by_inv_sqrt2(approx + detail, EXACT)
+        odd = _by_inv_sqrt2(approx - detail, EXACT)
+        # Interleave: token 2i is even[i], token 2i + 1 is odd[i].
+        return tl.reshape(tl.join(even, odd), [t.shape[0], t.shape[1]])
+
+
+@triton.jit
+def _coefficient_positions(group, sinks, n, LEVELS: tl.constexpr):
+    """Position in the quantized sequence ``[sinks, a_J, d_J, ..., d_1]`` of each canonical
+    coefficient of Haar group ``group`` (``n`` coefficients in all)."""
+    R: tl.constexpr = 1 << LEVELS
+    i = tl.arange(0, R)
+    pos = sinks + group + i * 0  # a_J
+    for j in tl.static_range(1, LEVELS + 1):
+        width = R >> j
+        in_band = (i >= width) & (i < 2 * width)
+        pos = tl.where(in_band, sinks + (n >> j) + group * width + (i - width), pos)
+    return pos
+
+
+@triton.jit
+def _rint(v):
+    """Round half to even (``torch.round``) for ``|v| < 2**22``: adding 1.5 * 2**23 leaves no
+    fraction bits, so the adder's own round-to-nearest-even does it. Larger ``|v|`` only occur
+    beyond the code range and are clamped right after."""
+    return (v + ROUND_MAGIC) - ROUND_MAGIC
+
+
+# Reductions take this module's own combine functions rather than tl.max / tl.min: those are
+# @triton.jit helpers of triton.language.standard, decorated when triton is first imported, so
+# they would not run in the interpreter if triton had been imported before TRITON_INTERPRET=1
+# was set (as in a pytest session that imports Inductor first). Every device function this
+# kernel calls is defined here and decorated together with it.
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _minimum(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _orderable(v):
+    """float32 -> int64 key with the same order, >= 1 for every non-NaN float (0 = empty)."""
+    u = v.to(tl.uint32, bitcast=True)
+    flip = tl.where((u >> 31) != 0, 0xFFFFFFFF, 0x80000000)
+    return (u ^ flip).to(tl.int64)
+
+
+@triton.jit
+def _from_orderable(key):
+    k = key.to(tl.uint32)
+    u = tl.where((k >> 31) != 0, k ^ 0x80000000, ~k)
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize_tile(z, lo, scale, qmax, SYMMETRIC: tl.constexpr, EXACT: tl.constexpr):
+    """Integer codes ``round((z - lo) / scale)`` clamped to the grid, exactly as the reference
+    rounds them (IEEE division, then round half to even).
+
+    The division runs as a multiply by ``1 / scale`` (one reciprocal per row instead of a
+    division per element). The product is within 1.5 ulps of the IEEE quotient, so its nearest
+    integer can differ only when a half-integer lies within 2**-22 relative of it; if any
+    element of the slab is that close to a tie (a few percent of slabs), the whole slab is
+    redone with the IEEE division."""
+    d = z if SYMMETRIC else z - lo[None, :]
+    inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    v = _mul(d, inv[None, :], EXACT)
+    codes = _rint(v)
+    near_tie = tl.abs(v - codes) >= 0.5 - tl.abs(v) * 2.384185791015625e-07  # 2**-22
+    if tl.reduce(near_tie.to(tl.int32), None, _maximum) != 0:
+        codes = _rint(tl.math.div_rn(d, scale[None, :]))
+    lowest = -qmax if SYMMETRIC else qmax * 0.0
+    return tl.minimum(tl.maximum(codes, lowest[None, :]), qmax[None, :])
+
+
+@triton.jit(do_not_specialize=["rows", "sinks", "n", "tiles_per_row", "sink_tiles", "chunks"])
+def _stamp_haar_kernel(
+    x_ptr,
+    out_ptr,
+    ws_ptr,
+    probe_ptr,
+    rows,
+    S,
+    D,
+    sinks,
+    n,
+    tiles_per_row,
+    sink_tiles,
+    chunks,
+    stride_xb,
+    stride_xs,
+    stride_ob,
+    stride_os,
+    high_tokens,
+    qmax_high,
+    qmax_low,
+    LEVELS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    MODE: tl.constexpr,
+    PROBE: tl.constexpr,
+    EXACT: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):
+    """One program = one ``R x BLOCK_D`` slab of one tile (see the module docstring).
+
+    Workspace (int64, zeroed): ``[ticket, arrivals[tiles], keys[rows, 2]]`` with one row per
+    (batch row, quantized position), ``keys[., 0]`` the max and ``keys[., 1]`` the negated min
+    (or ``max |z|`` alone when symmetric), in :func:`_orderable` encoding. ``EVEN_D``: ``D`` is a
+    multiple of ``BLOCK_D``, so no feature masks.
+    """
+    R: tl.constexpr = 1 << LEVELS
+    if MODE == 1:  # noqa: SIM108  (fused: take tiles in the order programs start; see the docstring)
+        pid = tl.atomic_add(ws_ptr, 1, sem="relaxed")
+    else:
+        pid = tl.program_id(0).to(tl.int64)
+    tile = pid // chunks
+    chunk = (pid % chunks).to(tl.int32)
+    row = tile // tiles_per_row
+    t = (tile % tiles_per_row).to(tl.int32)
+    quantized = sinks + n  # tokens of the quantized sequence per batch row
+    key_base = ws_ptr + 1 + rows * tiles_per_row + row * quantized * 2
+
+    is_sink = t < sink_tiles
+    group = t - sink_tiles
+    cols = tl.arange(0, R)
+    if is_sink:
+        tokens = t * R + cols
+        tok_ok = tokens < sinks
+    else:
+        tokens = sinks + group * R + cols
+        tok_ok = tokens < S
+    # One 64-bit base per program, 32-bit offsets per element (the host checks they fit).
+    feats = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+    feat_ok = feats < D
+    if EVEN_D:
+        io_mask = tl.broadcast_to(tok_ok[None, :], [BLOCK_D, R])
+    else:
+        io_mask = feat_ok[:, None] & tok_ok[None, :]
+    x = tl.load(
+        x_ptr + row * stride_xb + (tokens * stride_xs)[None, :] + feats[:, None],
+        mask=io_mask,
+        other=0.0,
+    ).to(tl.float32)
+
+    if is_sink:
+        z = x
+        pos = tokens
+        valid = tok_ok
+    else:
+        z = _haar_forward(x, LEVELS, EXACT)  # padding tokens are zeros, as in the reference
+        pos = _coefficient_positions(group, sinks, n, LEVELS)
+        valid = pos < quantized
+
+    # Partial (or, for "local", complete) range of every coefficient row of the slab.
+    if SYMMETRIC:
+        za = tl.abs(z) if EVEN_D else tl.where(feat_ok[:, None], tl.abs(z), 0.0)
+        hi = tl.reduce(za, 0, _maximum)
+        lo = hi
+    elif EVEN_D:
+        hi = tl.reduce(z, 0, _maximum)
+        lo = tl.reduce(z, 0, _minimum)
+    else:
+        hi = tl.reduce(tl.where(feat_ok[:, None], z, -float("inf")), 0, _maximum)
+        lo = tl.reduce(tl.where(feat_ok[:, None], z, float("inf")), 0, _minimum)
+
+    if MODE != 0:
+        keys = key_base + pos * 2
+        if MODE != 3:
+            tl.atomic_max(keys, _orderable(hi), mask=valid, sem="relaxed")
+            if not SYMMETRIC:
+                tl.atomic_max(keys + 1, 0xFFFFFFFF - _orderable(lo), mask=valid, sem="relaxed")
+        if MODE == 1:
+            # Every thread's atomics are ordered before the release by the CTA barrier.
+            tl.debug_barrier()
+            arrivals = ws_ptr + 1 + tile
+            tl.atomic_add(arrivals, 1, sem="release")
+            seen = tl.atomic_add(arrivals, 0, sem="acquire")
+            while seen < chunks:
+                seen = tl.atomic_add(arrivals, 0, sem="acquire")
+        if MODE != 2:
+            # .cg: read through to L2, where the other programs' atomics landed.
+            hi = _from_orderable(tl.load(keys, mask=valid, other=1, cache_modifier=".cg"))
+            if not SYMMETRIC:
+                lo = _from_orderable(
+                    0xFFFFFFFF - tl.load(keys + 1, mask=valid, other=1, cache_modifier=".cg")
+                )
+
+    if MODE != 2:
+        # Largest codes arrive as ints (exact at any width) and become float32 here: Inductor
+        # passes Python floats to user kernels as float64.
+        qmax = tl.where(pos < high_tokens, qmax_high, qmax_low).to(tl.float32)
+        if SYMMETRIC:
+            scale = tl.maximum(tl.math.div_rn(hi, qmax), TINY)
+            codes = _quantize_tile(z, lo, scale, qmax, SYMMETRIC, EXACT)
+            z_hat = _mul(codes, scale[None, :], EXACT)
+        else:
+            scale = tl.maximum(tl.math.div_rn(hi - lo, qmax), TINY)
+            codes = _quantize_tile(z, lo, scale, qmax, SYMMETRIC, EXACT)
+            z_hat = _mul(codes, scale[None, :], EXACT) + lo[None, :]
+        if PROBE:
+            # Test hook: codes and q/dq values at [2, rows, quantized, D].
+            at = probe_ptr + (row * quantized + pos)[None, :] * D + feats[:, None]
+            probe_mask = feat_ok[:, None] & valid[None, :]
+            tl.store(at, codes, mask=probe_mask)
+            tl.store(at + rows * quantized * D, z_hat, mask=probe_mask)
+        if is_sink:  # noqa: SIM108  (a runtime branch: sink tiles skip the transform)
+            y = z_hat
+        else:
+            y = _haar_inverse(z_hat, LEVELS, EXACT)
+        tl.store(
+            out_ptr + row * stride_ob + (tokens * stride_os)[None, :] + feats[:, None],
+            y.to(out_ptr.dtype.element_ty),
+            mask=io_mask,
+        )
+
+
+# -- host side -----------------------------------------------------------------------------------
+
+
+def interpreted() -> bool:
+    """True when the kernels were defined under ``TRITON_INTERPRET=1`` (NumPy on the CPU)."""
+    return not isinstance(_stamp_haar_kernel, triton.runtime.jit.JITFunction)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def _features_per_thread(levels: int) -> int:
+    """Each thread holds all ``R`` tokens of ``F`` features: ``F * R <= SLAB_REGISTERS``."""
+    return max(1, min(4, SLAB_REGISTERS >> levels))
+
+
+def block_d_for(levels: int, features: int) -> int:
+    """Feature slab width for a ``2**levels``-token tile (see the module docstring)."""
+    full = _features_per_thread(levels) * 32 * WARPS
+    return max(16, min(full, _next_pow2(features)))
+
+
+def _num_warps(levels: int, block_d: int) -> int:
+    return max(1, min(WARPS, block_d // (32 * _features_per_thread(levels))))
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check(levels: int, high_bits: int, low_bits: int, dtype: torch.dtype) -> None:
+    if not 0 <= levels <= MAX_LEVELS:
+        raise ValueError(f"levels: the Triton Haar kernel takes 0..{MAX_LEVELS}, got {levels}")
+    for name, bits in (("high_bits", high_bits), ("low_bits", low_bits)):
+        if not 2 <= bits <= 16:
+            raise ValueError(f"{name} must be in 2..16, got {bits}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the Triton Haar kernel takes float16/bfloat16/float32, got {dtype}")
+
+
+def _launch(
+    x: Tensor,
+    levels: int,
+    sink_tokens: int,
+    high_tokens: int,
+    high_bits: int,
+    low_bits: int,
+    symmetric: bool,
+    *,
+    block_d: int,
+    schedule: str,
+    probe: bool,
+    exact_mul: bool = True,
+    num_warps: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Run the kernel on ``x`` of shape [..., S, D]; ``levels`` must be concrete (``>= 0``)."""
+    _check(levels, high_bits, low_bits, x.dtype)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: unknown {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    shape = x.shape
+    seq, feats = shape[-2], shape[-1]
+    x3 = x.reshape(-1, seq, feats)
+    if x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    if (seq + (1 << levels)) * max(x3.stride(1), feats) >= 2**31:
+        raise ValueError("a batch row over 2**31 elements exceeds the kernel's 32-bit offsets")
+    rows = x3.shape[0]
+    # The interpreter (NumPy has no bfloat16) truncates float32 -> bfloat16 instead of rounding
+    # to nearest even like the GPU's cvt.rn: there the kernel writes float32, rounded by torch.
+    staged = interpreted() and x.dtype == torch.bfloat16
+    out_dtype = torch.float32 if staged else x.dtype
+    out = torch.empty((rows, seq, feats), dtype=out_dtype, device=x.device)
+
+    tile = 1 << levels
+    if sink_tokens and seq <= sink_tokens:  # every token is a sink (a guard when symbolic)
+        sinks: IntLike = seq
+        coeffs: IntLike = 0
+    else:
+        sinks = sink_tokens
+        coeffs = ceil_to(seq - sink_tokens, tile)
+    sink_tiles = (sinks + tile - 1) // tile
+    tiles_per_row = sink_tiles + coeffs // tile
+    chunks = (feats + block_d - 1) // block_d
+    tiles = rows * tiles_per_row
+    programs = tiles * chunks
+
+    if schedule == "auto":
+        if chunks == 1:
+            schedule = "local"
+        elif interpreted() or x.device.type != "cuda" or chunks > _sm_count(x.device):
+            schedule = "two_pass"
+        else:
+            schedule = "fused"
+    if schedule == "fused" and interpreted():
+        raise ValueError(
+            "schedule 'fused' synchronises programs, which the Triton interpreter runs one "
+            "at a time; use 'two_pass' or 'local'"
+        )
+    if schedule == "local" and chunks != 1:
+        raise ValueError(f"schedule 'local' needs one feature slab per tile, got {chunks} chunks")
+
+    quantized = sinks + coeffs
+    if schedule == "local":
+        ws = torch.empty((1,), dtype=torch.int64, device=x.device)  # never touched
+    else:
+        ws = torch.zeros((1 + tiles + 2 * rows * quantized,), dtype=torch.int64, device=x.device)
+    codes = (
+        torch.zeros((2, rows, quantized, feats), dtype=torch.float32, device=x.device)
+        if probe
+        else None
+    )
+    qmax = (lambda b: 2 ** (b - 1) - 1) if symmetric else (lambda b: 2**b - 1)
+    args = (
+        x3, out, ws, codes if probe else out,
+        rows, seq, feats, sinks, coeffs, tiles_per_row, sink_tiles, chunks,
+        x3.stride(0), x3.stride(1), out.stride(0), out.stride(1),
+        high_tokens, qmax(high_bits), qmax(low_bits),
+    )  # fmt: skip
+    meta = {
+        "LEVELS": levels,
+        "BLOCK_D": block_d,
+        "SYMMETRIC": bool(symmetric),
+        "PROBE": bool(probe),
+        "EXACT": exact_mul and not interpreted(),
+        "EVEN_D": feats % block_d == 0,
+        "num_warps": num_warps or _num_warps(levels, block_d),
+    }
+    # Under tracing (Inductor, make_fx) the launch must go through wrap_triton to be recorded;
+    # eagerly that path costs a higher-order-op dispatch per launch, so launch directly.
+    tracing = isinstance(x, FakeTensor) or bool(_get_current_dispatch_mode_stack())
+    kernel = wrap_triton(_stamp_haar_kernel) if tracing else _stamp_haar_kernel
+    if programs:
+        modes = {
+            "local": (_MODE_LOCAL,),
+            "fused": (_MODE_FUSED,),
+            "two_pass": (_MODE_STATS, _MODE_APPLY),
+        }[schedule]
+        for mode in modes:
+            kernel[(programs,)](*args, MODE=mode, **meta)
+    return out.to(x.dtype).reshape(shape), codes
+
+
+def haar_fake_quant(
+    x: Tensor,
+    levels: int,
+    sink_tokens: int = 0,
+    high_tokens: int = 64,
+    high_bits: int = 8,
+    low_bits: int = 4,
+    symmetric: bool = False,
+    *,
+    block_d: int | None = None,
+    schedule: str = "auto",
+) -> Tensor:
+    """STaMP Haar fake quantization of ``x`` ([..., S, D]) with the fused kernel.
+
+    ``levels=-1`` picks :func:`~stamp_fx.transforms.auto_haar_levels` for the ``S - sinks``
+    transformed tokens with target ``max(1, high_tokens)`` (as :class:`SitePolicy` does).
+    ``block_d`` and ``schedule`` override the tiling (tests use them to force the multi-chunk
+    paths). Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+    """
+    seq = x.shape[-2]
+    transformed = max(0, seq - sink_tokens) if isinstance(seq, int) else seq - sink_tokens
+    levels = haar_levels(transformed, levels, max(1, high_tokens))
+    block_d = block_d or block_d_for(levels, x.shape[-1])
+    out, _ = _launch(
+        x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric,
+        block_d=block_d, schedule=schedule, probe=False,
+    )  # fmt: skip
+    return out
+
+
+def haar_fake_quant_probe(
+    x: Tensor,
+    levels: int,
+    sink_tokens: int = 0,
+    high_tokens: int = 64,
+    high_bits: int = 8,
+    low_bits: int = 4,
+    symmetric: bool = False,
+    *,
+    block_d: int | None = None,
+    schedule: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`haar_fake_quant` that also returns, for tests, the integer codes and the
+    dequantized values of the quantized sequence ``[sinks, a_J, ..., d_1]`` as two float32
+    tensors of shape ``[rows, s + n, D]`` (``rows`` = the leading dims flattened)."""
+    if levels < 0:
+        raise ValueError("haar_fake_quant_probe needs concrete levels")
+    block_d = block_d or block_d_for(levels, x.shape[-1])
+    out, planes = _launch(
+        x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric,
+        block_d=block_d, schedule=schedule, probe=True,
+    )  # fmt: skip
+    return out, planes[0], planes[1]
+
+
+@triton_op("stamp::haar_fake_quant", mutates_args=())
+def haar_fake_quant_op(
+    x: Tensor,
+    levels: int,
+    sink_tokens: int,
+    high_tokens: int,
+    high_bits: int,
+    low_bits: int,
+    symmetric: bool,
+) -> Tensor:
+    """``torch.ops.stamp.haar_fake_quant``: :func:`haar_fake_quant` as a ``triton_op``, so
+    ``torch.compile`` sees (and Inductor launches from its own code) the Triton kernel."""
+    return haar_fake_quant(x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric)
+
+
+# -- routing -------------------------------------------------------------------------------------
+
+
+def eligible(x: Tensor, policy: SitePolicy, seq_dim: int) -> bool:
+    """Whether the fused kernel handles this site (else the ``inductor`` decomposition does)."""
+    if x.device.type != "cuda" and not interpreted():
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.ndim < 2:
+        return False
+    if seq_dim % x.ndim != x.ndim - 2:
+        return False
+    if policy.transform != "haar" or policy.bands is not None or policy.group_size is not None:
+        return False
+    if policy.levels is not None:
+        return policy.levels <= MAX_LEVELS
+    # Auto levels grow with the length; past MAX_LEVELS the site goes to the decomposition.
+    transformed = x.shape[-2] - policy.sink_tokens
+    return haar_levels(transformed, -1, max(1, policy.high_tokens)) <= MAX_LEVELS
+
+
+class TritonHaarRouting(CustomGraphPass):
+    """Inductor pre-grad pass of the ``"triton"`` lowering: every ``stamp::fake_quant`` call
+    that :func:`eligible` accepts becomes a ``stamp::haar_fake_quant`` call.
+
+    Why a graph pass and not the decomposition: a ``triton_op`` only shows its kernel to
+    Inductor when AOTAutograd *functionalizes* the call, which happens for ops already in the
+    graph it traces. A decomposition runs below functionalization, so a kernel launched from
+    there would be traced as an in-place launch on a fresh buffer that nothing reads and be
+    dropped from the graph. Pre-grad passes run on the Dynamo graph, before that trace. The
+    sites left alone are decomposed by the ``inductor`` decomposition as usual.
+    """
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        fake_quant = torch.ops.stamp.fake_quant
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target not in (fake_quant, fake_quant.default):
+                continue
+            args = _bound_arguments(fake_quant.default, node)
+            # Under dynamic=True Dynamo may pass the op's int arguments as symbolic graph
+            # inputs; they are configuration, so read (and specialise) their values.
+            args = [args[0], *(_concrete_arg(a) for a in args[1:])]
+            x, seq_dim, autocorr = args[0], args[1], args[-1]
+            value = x.meta.get("val", x.meta.get("example_value")) if hasattr(x, "meta") else None
+            if not isinstance(value, Tensor) or value.device.type != "cuda":
+                continue  # (the interpreter runs eagerly only; Inductor needs a real GPU kernel)
+            if autocorr is not None or args[2] != "haar":
+                continue
+            try:
+                policy = policy_of(*args[2:])
+            except ValueError:
+                continue  # left to the decomposition, which reports it
+            if not eligible(value, policy, seq_dim):
+                continue
+            levels = -1 if policy.levels is None else policy.levels
+            with graph.inserting_before(node):
+                swapped = graph.call_function(
+                    torch.ops.stamp.haar_fake_quant.default,
+                    (x, levels, policy.sink_tokens, policy.high_tokens, policy.high_bits,
+                     policy.low_bits, policy.symmetric),
+                )  # fmt: skip
+            swapped.meta.update(node.meta)
+            node.replace_all_uses_with(swapped)
+            graph.erase_node(node)
+
+    def uuid(self) -> str:
+        return f"{source_hash()}:triton-haar-routing"
+
+
+def _bound_arguments(op: torch._ops.OpOverload, node: torch.fx.Node) -> list:
+    """The node's arguments in schema order, defaults filled in."""
+    out = []
+    for i, arg in enumerate(op._schema.arguments):
+        if i < len(node.args):
+            out.append(node.args[i])
+        else:
+            out.append(node.kwargs.get(arg.name, arg.default_value))
+    return out
+
+
+def _concrete_arg(arg):
+    if isinstance(arg, torch.fx.Node):
+        value = arg.meta.get("val", arg.meta.get("example_value"))
+        if isinstance(value, (torch.SymInt, torch.SymBool, torch.SymFloat)):
+            return _specialise(value)
+        return value if isinstance(value, (int, float, bool)) else arg
+    if isinstance(arg, (list, tuple)):
+        return [_concrete_arg(a) for a in arg]
+    return arg
+
+
+def _specialise(value):
+    """The Python value of a symbolic int/float/bool (recording a guard on it)."""
+    if isinstance(value, torch.SymBool):
+        return bool(value)
+    if isinstance(value, torch.SymFloat):
+        return float(value)
+    return int(value)
+
+
+def routing_config_patches() -> dict:
+    """Inductor config patches of the ``"triton"`` lowering (besides the cache tag)."""
+    return {"pre_grad_custom_pass": TritonHaarRouting()}

@@ -1,0 +1,167 @@
+"""The hand-written Triton Haar kernel (lowering/triton_haar.py) against the reference.
+
+Without CUDA the kernel runs in the Triton interpreter: ``TRITON_INTERPRET=1`` must be set before
+``@triton.jit`` decorates it, i.e. before ``stamp_fx.lowering.triton_haar`` is first imported.
+This module sets it at collection time (nothing imports the kernel module earlier: the lowering
+registry imports it lazily). Triton itself may already be imported by then (Inductor imports it
+when the compile tests are collected); that is fine because the kernel calls only device
+functions of its own module, none of triton.language's pre-decorated helpers. With CUDA the
+same tests run compiled on the GPU.
+
+Integer codes and q/dq values (the kernel's test probe) must equal the reference exactly; the
+output, computed from them by the inverse transform, within tests/tolerances.py's fused-kernel
+tolerance (in the interpreter it is in fact bit-identical).
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    if "stamp_fx.lowering.triton_haar" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip(
+            "the Triton kernels were compiled for a GPU before this module could select the "
+            "interpreter; run this file on its own",
+            allow_module_level=True,
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from stamp_fx.lowering import triton_haar  # noqa: E402
+
+from stamp_fx import SitePolicy  # noqa: E402
+from stamp_fx.quantizer import compute_qparams, dequantize, quantize  # noqa: E402
+from stamp_fx.reference import transformed_tokens  # noqa: E402
+from tests.strategies import randn, seeds  # noqa: E402
+from tests.tolerances import FUSED_OUTPUT_ABS_F32_ULPS, FUSED_OUTPUT_ULPS  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Small enough for the interpreter (it runs every program in NumPy), with the awkward lengths.
+short_lengths = st.one_of(st.integers(1, 9), st.sampled_from([31, 33, 63, 65, 100, 129]))
+
+
+def reference_codes(x: torch.Tensor, policy: SitePolicy):
+    """Integer codes and q/dq values of the quantized sequence, as the reference makes them."""
+    t = policy.make_transform()
+    z = transformed_tokens(x, t, sink_tokens=policy.sink_tokens, seq_dim=-2)
+    bits = policy.bit_vector(t, x.shape[-2])
+    params = compute_qparams(z, bits, token_dim=-2, symmetric=policy.symmetric)
+    codes = quantize(z, params)
+    return codes.flatten(-2), dequantize(codes, params, z.dtype)
+
+
+def assert_fused_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    f32_ulp = torch.finfo(torch.float32).eps
+    rtol = FUSED_OUTPUT_ULPS[out.dtype] * torch.finfo(out.dtype).eps
+    atol = FUSED_OUTPUT_ABS_F32_ULPS * f32_ulp * ref.float().abs().max().item()
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+
+
+def run_probe(x, policy, **kwargs):
+    levels = policy.make_transform().levels_for(max(1, x.shape[-2] - policy.sink_tokens))
+    return triton_haar.haar_fake_quant_probe(
+        x, levels, policy.sink_tokens, policy.high_tokens, policy.high_bits, policy.low_bits,
+        policy.symmetric, **kwargs,
+    )  # fmt: skip
+
+
+@settings(max_examples=15)
+@given(
+    batch=st.sampled_from([(1,), (2,), (2, 2)]),
+    seq=short_lengths,
+    features=st.sampled_from([1, 3, 8, 24, 40]),
+    levels=st.none() | st.integers(0, 4),
+    sinks=st.integers(0, 2),
+    high_tokens=st.integers(1, 12),
+    symmetric=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    split_features=st.booleans(),
+    seed=seeds,
+)
+def test_kernel_codes_are_exact_and_output_matches_reference(
+    batch, seq, features, levels, sinks, high_tokens, symmetric, dtype, split_features, seed
+):
+    policy = SitePolicy(
+        levels=levels, sink_tokens=sinks, high_tokens=max(high_tokens, sinks), symmetric=symmetric
+    )
+    x = randn((*batch, seq, features), seed, dtype).to(DEVICE)
+    # block_d=16 splits 24 or 40 features over 2-3 programs per tile: the multi-chunk schedule.
+    out, codes, z_hat = run_probe(x, policy, block_d=16 if split_features else None)
+    ref_codes, ref_z_hat = reference_codes(x, policy)
+    rows = ref_codes.reshape(-1, *ref_codes.shape[-2:])
+    assert torch.equal(codes, rows)
+    assert torch.equal(z_hat, ref_z_hat.reshape(rows.shape))
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_fused_close(out, policy.apply(x, -2))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_schedules_agree_bit_for_bit(symmetric):
+    x = randn((2, 77, 48), 7, torch.bfloat16).to(DEVICE)
+    args = (3, 1, 9, 8, 4, symmetric)
+    local = triton_haar.haar_fake_quant(*(x, *args), block_d=64, schedule="local")
+    split = triton_haar.haar_fake_quant(*(x, *args), block_d=16, schedule="two_pass")
+    assert torch.equal(local, split)
+    policy = SitePolicy(levels=3, sink_tokens=1, high_tokens=9, symmetric=symmetric)
+    assert torch.equal(local, policy.apply(x, 1))
+
+
+def test_rounding_ties_match_the_reference_division():
+    """A value whose quotient by the scale is exactly 13.5 (rounds to 14) while its product
+    with the rounded reciprocal is 13.499999 (rounds to 13): the kernel multiplies by the
+    reciprocal and must notice the tie and divide, like the reference."""
+    scale = torch.tensor(1.0) / 7
+    hi = scale * 15  # (hi - 0) / 15 == scale again, at 4 bits
+    tie = 13.5 * (hi / 15)
+    assert torch.round(tie / scale) != torch.round(tie * (1 / scale))  # the premise
+    row = torch.stack([torch.tensor(0.0), tie, hi]).repeat(8)
+    x = row.repeat(1, 4, 1).to(DEVICE)  # 4 identical tokens, no transform (levels=0)
+    out, codes, _ = triton_haar.haar_fake_quant_probe(x, 0, 0, 0, 8, 4, False)
+    assert codes[0, 0, 1].item() == 14.0
+    assert torch.equal(out, SitePolicy(levels=0, high_tokens=0).apply(x, 1))
+
+
+def test_auto_levels_and_the_paper_default():
+    """levels=-1 resolves like SitePolicy (target max(1, high_tokens)): 300 tokens, 64 at 8 bit."""
+    x = randn((1, 300, 16), 11).to(DEVICE)
+    out = triton_haar.haar_fake_quant(x, -1, 1, 64, 8, 4, False)
+    torch.testing.assert_close(out, SitePolicy(sink_tokens=1).apply(x, 1), rtol=0, atol=0)
+
+
+def test_op_is_a_registered_triton_op():
+    x = randn((2, 19, 8), 2).to(DEVICE)
+    out = torch.ops.stamp.haar_fake_quant(x, 2, 1, 4, 8, 4, False)
+    assert torch.equal(out, SitePolicy(levels=2, sink_tokens=1, high_tokens=4).apply(x, 1))
+
+
+def test_eligibility_routes_only_the_default_haar_case():
+    x = torch.zeros(2, 64, 8, device=DEVICE)
+    assert triton_haar.eligible(x, SitePolicy(sink_tokens=1), 1)
+    assert triton_haar.eligible(x, SitePolicy(symmetric=True), -2)
+    assert not triton_haar.eligible(x, SitePolicy(transform="dct"), 1)
+    assert not triton_haar.eligible(x, SitePolicy(group_size=4), 1)
+    assert not triton_haar.eligible(x, SitePolicy(levels=triton_haar.MAX_LEVELS + 1), 1)
+    assert not triton_haar.eligible(x.view(2, 64, 2, 4), SitePolicy(), 1)  # seq not at dim -2
+    assert not triton_haar.eligible(x.double(), SitePolicy(), 1)
+
+
+def test_invalid_arguments_raise_clear_errors():
+    x = torch.zeros(1, 8, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="levels"):
+        triton_haar.haar_fake_quant(x, triton_haar.MAX_LEVELS + 1)
+    with pytest.raises(ValueError, match="schedule"):
+        triton_haar.haar_fake_quant(x, 1, schedule="fast")
+    with pytest.raises(ValueError, match="one feature slab"):
+        triton_haar.haar_fake_quant(
+            torch.zeros(1, 8, 64, device=DEVICE), 1, block_d=16, schedule="local"
+        )
+    with pytest.raises(TypeError, match="float16/bfloat16/float32"):
+        triton_haar.haar_fake_quant(x.double(), 1)
+    if triton_haar.interpreted():
+        with pytest.raises(ValueError, match="interpreter"):
+            triton_haar.haar_fake_quant(torch.zeros(1, 8, 64), 1, block_d=16, schedule="fused")
