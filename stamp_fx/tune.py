@@ -7,8 +7,11 @@
    (``high_token_grid``) and measures the error *at the output of every linear reading it*,
    ``||(x_hat - x) W^T||^2``, next to the Theorem-1 prediction for the same option;
 2. turns each site into a :class:`~stamp_fx.allocation.LayerCurve` (average bits of each option
-   at the calibration length, its measured output error, weighted by the activation size
-   ``tokens x features``) and solves the global budget with
+   at the calibration length and its measured output noise-to-signal ratio
+   ``||(x_hat - x) W^T||^2 / ||x W^T||^2``: relative, because RMSNorm/LayerNorm downstream
+   rescales every layer's output, so absolute errors of layers with large outputs would
+   otherwise dominate; weighted by the activation size ``tokens x features``) and solves the
+   global budget with
    :func:`~stamp_fx.allocation.allocate_layer_budgets`;
 3. returns a :class:`TuneResult` whose ``plan`` gives every site its chosen ``high_tokens``
    (``plan.meta["tune"]`` records the budget, the achieved average and each site's curve).
@@ -203,7 +206,9 @@ def tune(
     for key, s in observer.sites.items():
         curves.append(
             LayerCurve(
-                key, float(s.tokens * s.features), tuple((s.bits[h], s.error[h]) for h in s.error)
+                key,
+                float(s.tokens * s.features),
+                tuple((s.bits[h], s.error[h] / max(s.signal, 1e-30)) for h in s.error),
             )
         )
     chosen_bits = allocate_layer_budgets(curves, avg_bits)
