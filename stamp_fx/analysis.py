@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -206,42 +206,37 @@ def _is_layout(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _LAYOUT_FUNCTIONS
 
 
-def _node_inputs(node: fx.Node) -> Iterator[fx.Node]:
-    yield from node.all_input_nodes
+def _walk(starts: Iterable[fx.Node], stop, follow, step) -> set[fx.Node]:
+    """Nodes satisfying ``stop`` reached from ``starts`` by repeatedly taking ``step(n)`` of the
+    nodes ``n`` that ``follow`` accepts (bounded, so a huge graph cannot make it quadratic)."""
+    found: set[fx.Node] = set()
+    todo, seen = list(starts), set()
+    while todo and len(seen) < _MAX_TRACE_NODES:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if stop(n):
+            found.add(n)
+        elif follow(n):
+            todo.extend(step(n))
+    return found
 
 
 def _trace_back(start: object, stop) -> set[fx.Node]:
     """Nodes satisfying ``stop`` reached backwards from ``start`` through pass-through ops."""
-    found: set[fx.Node] = set()
     if not isinstance(start, fx.Node):
-        return found
-    todo, seen = [start], set()
-    while todo and len(seen) < _MAX_TRACE_NODES:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if stop(n):
-            found.add(n)
-        elif _is_pass_through(n):
-            todo.extend(_node_inputs(n))
-    return found
+        return set()
+    return _walk([start], stop, _is_pass_through, lambda n: n.all_input_nodes)
 
 
 def _trace_forward(start: fx.Node, stop) -> set[fx.Node]:
     """Nodes satisfying ``stop`` reached forwards from ``start`` through layout-only ops."""
-    found: set[fx.Node] = set()
-    todo, seen = list(start.users), set()
-    while todo and len(seen) < _MAX_TRACE_NODES:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if stop(n):
-            found.add(n)
-        elif _is_layout(n) or (n.op == "call_function" and n.target is operator.getitem):
-            todo.extend(n.users)
-    return found
+
+    def follow(n: fx.Node) -> bool:
+        return _is_layout(n) or (n.op == "call_function" and n.target is operator.getitem)
+
+    return _walk(start.users, stop, follow, lambda n: n.users)
 
 
 # -- linear layers ---------------------------------------------------------------------------
