@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -113,9 +113,13 @@ def run_observed(
     causal: bool | None,
     desc: str,
     show_progress: bool,
+    after_batch: Callable[[Any], None] | None = None,
 ) -> StampCompiler:
     """Compile ``model`` in observer mode (no Inductor), run every batch without gradients and
-    return the compiler (its records hold the sites and plans the observer saw)."""
+    return the compiler (its records hold the sites and plans the observer saw).
+
+    ``after_batch(batch)``, when given, runs after each batch went through the compiled model,
+    with gradients enabled (the tuner's loss-gradient pass)."""
     batches = list(batches)
     if not batches:
         raise ValueError(f"{desc}: needs at least one batch")
@@ -124,4 +128,7 @@ def run_observed(
     with torch.no_grad():
         for batch in progress(batches, desc=desc, enabled=show_progress):
             run_batch(compiled, batch)
+            if after_batch is not None:
+                with torch.enable_grad():
+                    after_batch(batch)
     return compiler
