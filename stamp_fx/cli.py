@@ -87,7 +87,16 @@ def _tune(args: argparse.Namespace) -> int:
     windows = token_windows(ids, args.window, args.eval_windows + args.calib_windows)
     held_out, calib = windows[: args.eval_windows], windows[args.eval_windows :]
     options = {"transform": args.transform, "feature_transform": args.feature_transform}
-    result = tune(loaded.model, [{"input_ids": w[None]} for w in calib], args.avg_bits, **options)
+    result = tune(
+        loaded.model,
+        [{"input_ids": w[None]} for w in calib],
+        args.avg_bits,
+        objective=args.objective,
+        high_token_grid=args.high_tokens,
+        low_bits_grid=args.low_bits,
+        show_progress=not args.quiet,
+        **options,
+    )
     out = Path(args.out)
     result.plan.save(out)
     (out.parent / (out.stem + "_report.txt")).write_text(result.report() + "\n")
@@ -105,7 +114,7 @@ def _tune(args: argparse.Namespace) -> int:
             (f"uniform rule ({rule['high_tokens']} tokens at 8)", rule),
         ):
             model, compiler = compile_method(loaded.model, Method(name, opts), inductor=False)
-            res = perplexity(model, held_out, desc=name)
+            res = perplexity(model, held_out, desc=name, show_progress=not args.quiet)
             bits = average_bits(compiler.last.plan, compiler.last.sites, args.window)
             print(
                 f"{name}: perplexity {res.ppl:.3f} at {bits:.4f} bits on {len(held_out)} held-out windows"
@@ -114,19 +123,31 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _uniform_rule_for(result, options: dict) -> dict:
-    """The paper's uniform rule at the tuned budget: the largest common high_tokens within it."""
-    grid = sorted(next(iter(result.sites.values())).bits)
-    fitting = [h for h in grid if _uniform_average(result, h) <= result.budget + 1e-9]
+    """The paper's uniform rule at the tuned budget: the largest common high_tokens (at the
+    config's low_bits) within it."""
+    from .tune import Option
+
+    low = result.plan.meta["config"]["low_bits"]
+    grid = sorted({o.high_tokens for s in result.sites.values() for o in s.bits})
+    fitting = [h for h in grid if _uniform_average(result, Option(h, low)) <= result.budget + 1e-9]
     return {**options, "high_tokens": max(fitting) if fitting else grid[0]}
 
 
-def _uniform_average(result, h: int) -> float:
+def _uniform_average(result, option) -> float:
     total = weight = 0.0
     for s in result.sites.values():
-        if h in s.bits:
-            total += s.tokens * s.features * s.bits[h]
-            weight += s.tokens * s.features
+        if option not in s.bits:
+            return float("inf")
+        total += s.tokens * s.features * s.bits[option]
+        weight += s.tokens * s.features
     return total / weight if weight else float("inf")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +183,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     tn.add_argument("--transform", default="haar")
     tn.add_argument("--feature-transform", default="hadamard", choices=["none", "hadamard"])
+    from .tune import DEFAULT_HIGH_TOKEN_GRID, DEFAULT_OBJECTIVE, OBJECTIVES
+
+    tn.add_argument(
+        "--objective",
+        default=DEFAULT_OBJECTIVE,
+        choices=sorted(OBJECTIVES),
+        help="what the budget solver minimises (fisher: predicted loss increase)",
+    )
+    tn.add_argument(
+        "--high-tokens",
+        type=_ints,
+        default=DEFAULT_HIGH_TOKEN_GRID,
+        help="candidate 8-bit token counts per site, comma-separated",
+    )
+    tn.add_argument(
+        "--low-bits",
+        type=_ints,
+        default=None,
+        help="candidate low bit widths per site, comma-separated (default: the config's, 4)",
+    )
+    tn.add_argument("--quiet", action="store_true", help="no progress lines")
     tn.add_argument("--out", default="stamp_plan.json")
     tn.add_argument("--device", default="cpu")
     tn.add_argument(
