@@ -19,46 +19,45 @@ knows its position in the global quantized sequence ``[sinks, a_J, d_J, ..., d_1
 (``p = s + n/2**j + g*R/2**j + i`` for ``d_j``), which gives its bit width (``p < high_tokens``).
 Sink tokens form their own tiles with no transform.
 
-The catch is the per-token range: one coefficient row spans all ``D`` features, and a
-``R x D`` float32 tile (``32 x 4096`` at J=5) is far too large for one program's registers.
-So a tile is split over ``chunks = ceil(D / BLOCK_D)`` programs. Each thread of a program keeps
-all ``R`` tokens of ``F`` features in registers (``F * R <= SLAB_REGISTERS``, so the butterflies
-along the tokens never leave the thread; ``BLOCK_D = F * 32 * WARPS``), and the programs of one
-tile exchange their partial per-row min/max. Schedules (``schedule=``):
+The catch is the per-token range: one coefficient row spans all ``D`` features, and an
+``R x D`` float32 tile (``32 x 4096`` at J=5) is far too large for one program. So a tile is
+split over ``chunks = ceil(D / BLOCK_D)`` programs, each holding an ``R x BLOCK_D`` slab (tokens
+on dim 0, features contiguous on dim 1, so the loads and stores are vectorised). Per-row work
+is kept out of the per-element path: the partial ranges go to a buffer indexed by *canonical*
+coefficient ``tile * R + i`` (no position arithmetic), one step folds them and computes each
+row's offset, scale and reciprocal once (in a fresh 1-D layout: one lane per row, not every
+thread per row), and the slabs read those three floats back. Schedules (``schedule=``):
 
-* ``"local"`` (``chunks == 1``): one program sees whole rows; no exchange. Reads and writes the
-  activation once.
-* ``"fused"`` (GPU, ``chunks <=`` SM count): each program folds its partial min/max into a
-  workspace with integer ``atomic_max`` on an order-preserving encoding of the float (zero, the
-  value of a fresh workspace, means "nothing yet"), then waits at a per-tile arrival counter
-  until all ``chunks`` programs of its tile have contributed, reads the final range and
-  finishes from the slab it still holds in registers. The activation is read once and written
-  once: the only extra traffic is ``2 * 8`` bytes of atomics per row and chunk and a zeroed
-  workspace of ``8 * (2 * tokens + tiles)`` bytes. Programs take their tile from a ticket
-  counter (``atomic_add``) rather than ``program_id``, so tiles are handed out in the order
-  programs actually start: a waiting program only ever waits for programs that started before
-  it or will start as soon as any earlier tile finishes, which cannot deadlock as long as one
-  tile's ``chunks`` programs fit on the GPU at once (guaranteed by ``chunks <=`` SM count).
-* ``"two_pass"`` (the Triton interpreter, which runs programs one at a time, or ``chunks`` above
-  the SM count): the same kernel launched twice, a statistics pass (atomics only) and an apply
-  pass that reloads the slab and recomputes the forward transform. The activation is read twice.
+* ``"local"`` (``chunks == 1``): one program sees whole rows and computes its rows' parameters
+  itself. Reads and writes the activation once.
+* ``"split"`` (the default for ``chunks > 1``): three launches of the same kernel: statistics
+  (partial range per chunk, plain stores), parameters (one program per tile), apply (reload the
+  slab, recompute the forward transform, quantize, invert, store). Reads the activation twice.
+* ``"fused"`` (GPU only, ``chunks <=`` SM count, opt-in): one launch. Programs take their tile
+  from a ticket counter (``atomic_add``, so a program only ever waits for programs that started
+  before it), store their partial ranges, and count in at a per-tile arrival counter; the
+  program that completes the tile computes its parameters and raises a per-tile ready flag that
+  the others spin on. Reads the activation once, but measured slower than ``"split"`` (below).
 
 Bit-exactness: the integer codes, the q/dq values and (in practice) the output equal the
 reference bit for bit, in the interpreter and on the GPU: every multiply is PTX ``mul.rn``
 (never contracted into an FMA with a neighbouring add), divisions round like IEEE ``div``, and
 the per-element division by the scale is a multiply by its reciprocal with an exact fallback for
-slabs holding a near-tie (see :func:`_quantize_tile`).
+slabs holding a near-tie (see :func:`_fake_quant_slab`).
 
-Performance (H200, bf16, measured with CUDA-graph replay; ``benchmarks/bench_kernels.py``): the
-kernel reaches 12-20 % of the device-to-device copy bandwidth, about the speed of Inductor's
-code for the ``inductor`` decomposition, far from the 80 % target. It is instruction-bound, not
-memory-bound: ~100 SASS instructions per element where ~35 would keep up with HBM. The cost
-sits in values that are per *token* (positions, ranges, scales, keys: ``R`` registers each, the
-same in all 32 x ``WARPS`` threads, recomputed by each), in the cross-thread min/max shuffles (one
-feature per thread at ``J >= 6``) and in register spills from ``J = 6`` on (``R = 64`` tokens per
-thread). Levers not yet pulled: spreading the per-token vectors over the threads (one token per
-thread, then a broadcast), tokens split over a few lanes with the coarse levels done by
-shuffles, and several features per thread with the tile held in bf16 until the barrier.
+Performance (H200, bf16, CUDA-graph replay; ``benchmarks/bench_kernels.py`` and
+``benchmarks/bench_kernel_tiling.py``, numbers in ``benchmarks/RESULTS.md``): 19-36 % of the
+device-to-device copy bandwidth (the previous design, with per-row parameters recomputed by
+every thread: 12-20 %), 1.4-2x faster than Inductor's code for the decomposition, still far
+from the 80 % target. Why, from the SASS (compiled offline for sm_90) and the tiling sweep: the
+apply pass issues ~50 instructions per element (static count, fast path ~35: butterflies,
+quantize, the tie test, layout shuffles between Triton's load layout and the one ``tl.split``
+/ ``tl.join`` need, with barriers); the 128-feature slab needs ~96-220 registers (J=5-7;
+spills at J=7), so an SM runs only 2-4 programs and the butterflies' dependent chains are not
+hidden; and ``split`` re-reads the activation. Levers not yet pulled: pin the slab layout so
+the token butterflies never leave a thread (Gluon or a bit-reversed token order with in-register
+halving), one launch without spin-waits (a cluster/DSMEM reduction over the chunks on Hopper),
+and fusing the statistics into the producer's epilogue.
 """
 
 from __future__ import annotations
@@ -83,7 +82,7 @@ from .symbolic import IntLike, ceil_to, haar_levels
 __all__ = [
     "MAX_LEVELS",
     "SCHEDULES",
-    "SLAB_REGISTERS",
+    "DEFAULT_BLOCK_D",
     "haar_fake_quant",
     "haar_fake_quant_probe",
     "eligible",
@@ -94,13 +93,17 @@ __all__ = [
 
 MAX_LEVELS = 8
 """Deepest Haar the kernel handles (a 256-token tile); deeper sites use the decomposition."""
-SLAB_REGISTERS = 64
-"""Float32 slab values one thread keeps in registers (``R`` tokens x ``F`` features)."""
+DEFAULT_BLOCK_D = 128
+"""Features per program. Chosen by ``benchmarks/bench_kernel_tiling.py`` on an H200 (2048 x 4096
+and 8192 x 8192 bf16, block_d 64/128/256 x 4/8 warps x fused/split): 128 features with 4 warps
+and the ``split`` schedule was fastest at both sizes."""
 WARPS = 4
-"""Warps per program; a slab is ``F * 32 * WARPS`` features wide."""
-SCHEDULES = ("auto", "local", "fused", "two_pass")
+"""Warps per program (at most)."""
+SCHEDULES = ("auto", "local", "fused", "split")
 
-_MODE_LOCAL, _MODE_FUSED, _MODE_STATS, _MODE_APPLY = 0, 1, 2, 3
+_MODE_LOCAL, _MODE_FUSED, _MODE_STATS, _MODE_PARAMS, _MODE_APPLY = (
+    tl.constexpr(m) for m in range(5)
+)
 INV_SQRT2 = tl.constexpr(1.0 / math.sqrt(2.0))  # the double the reference multiplies by
 TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
@@ -130,17 +133,18 @@ def _by_inv_sqrt2(a, EXACT: tl.constexpr):
 
 @triton.jit
 def _haar_forward(t, DEPTH: tl.constexpr, EXACT: tl.constexpr):
-    """``[BLOCK_D, M]`` slab of ``M = 2**DEPTH`` consecutive tokens (columns) -> its Haar
-    coefficients in canonical order ``[a, d_DEPTH, ..., d_1]`` along the columns."""
+    """``[M, BLOCK_D]`` slab of ``M = 2**DEPTH`` consecutive tokens (rows) -> its Haar
+    coefficients in canonical order ``[a, d_DEPTH, ..., d_1]`` along the rows."""
     if DEPTH == 0:
         return t
     else:
-        even, odd = tl.split(tl.reshape(t, [t.shape[0], t.shape[1] // 2, 2]))
+        pairs = tl.permute(tl.reshape(t, [t.shape[0] // 2, 2, t.shape[1]]), (0, 2, 1))
+        even, odd = tl.split(pairs)
         approx = _by_inv_sqrt2(even + odd, EXACT)
         detail = _by_inv_sqrt2(even - odd, EXACT)
         head = _haar_forward(approx, DEPTH - 1, EXACT)
-        # concat(head, detail) along the columns: pair them, then put the pair axis first.
-        both = tl.permute(tl.join(head, detail), (0, 2, 1))
+        # concat(head, detail) along the rows.
+        both = tl.permute(tl.join(head, detail), (2, 0, 1))
         return tl.reshape(both, [t.shape[0], t.shape[1]])
 
 
@@ -150,13 +154,14 @@ def _haar_inverse(t, DEPTH: tl.constexpr, EXACT: tl.constexpr):
     if DEPTH == 0:
         return t
     else:
-        halves = tl.permute(tl.reshape(t, [t.shape[0], 2, t.shape[1] // 2]), (0, 2, 1))
+        halves = tl.permute(tl.reshape(t, [2, t.shape[0] // 2, t.shape[1]]), (1, 2, 0))
         head, detail = tl.split(halves)
         approx = _haar_inverse(head, DEPTH - 1, EXACT)
         even = _by_inv_sqrt2(approx + detail, EXACT)
         odd = _by_inv_sqrt2(approx - detail, EXACT)
         # Interleave: token 2i is even[i], token 2i + 1 is odd[i].
-        return tl.reshape(tl.join(even, odd), [t.shape[0], t.shape[1]])
+        both = tl.permute(tl.join(even, odd), (0, 2, 1))
+        return tl.reshape(both, [t.shape[0], t.shape[1]])
 
 
 @triton.jit
@@ -197,46 +202,90 @@ def _minimum(a, b):
 
 
 @triton.jit
-def _orderable(v):
-    """float32 -> int64 key with the same order, >= 1 for every non-NaN float (0 = empty)."""
-    u = v.to(tl.uint32, bitcast=True)
-    flip = tl.where((u >> 31) != 0, 0xFFFFFFFF, 0x80000000)
-    return (u ^ flip).to(tl.int64)
-
-
-@triton.jit
-def _from_orderable(key):
-    k = key.to(tl.uint32)
-    u = tl.where((k >> 31) != 0, k ^ 0x80000000, ~k)
-    return u.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _quantize_tile(z, lo, scale, qmax, SYMMETRIC: tl.constexpr, EXACT: tl.constexpr):
-    """Integer codes ``round((z - lo) / scale)`` clamped to the grid, exactly as the reference
-    rounds them (IEEE division, then round half to even).
-
-    The division runs as a multiply by ``1 / scale`` (one reciprocal per row instead of a
-    division per element). The product is within 1.5 ulps of the IEEE quotient, so its nearest
-    integer can differ only when a half-integer lies within 2**-22 relative of it; if any
-    element of the slab is that close to a tie (a few percent of slabs), the whole slab is
-    redone with the IEEE division."""
-    d = z if SYMMETRIC else z - lo[None, :]
+def _quantizer_params(hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC: tl.constexpr):
+    """Offset, scale and reciprocal scale of coefficient rows with range ``[lo, hi]`` (``hi`` =
+    ``max |z|`` when symmetric) at quantized positions ``pos``, rounded as the reference rounds
+    them (IEEE divisions)."""
+    # Largest codes arrive as ints (exact at any width) and become float32 here: Inductor
+    # passes Python floats to user kernels as float64.
+    qmax = tl.where(pos < high_tokens, qmax_high, qmax_low).to(tl.float32)
+    if SYMMETRIC:
+        scale = tl.maximum(tl.math.div_rn(hi, qmax), TINY)
+        offset = hi * 0.0
+    else:
+        scale = tl.maximum(tl.math.div_rn(hi - lo, qmax), TINY)
+        offset = lo
     inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    v = _mul(d, inv[None, :], EXACT)
+    return offset, scale, inv
+
+
+@triton.jit
+def _fake_quant_slab(z, offset, scale, inv, SYMMETRIC: tl.constexpr, EXACT: tl.constexpr):
+    """Integer codes ``round((z - offset) / scale)`` and ``codes * scale + offset`` per column,
+    rounded exactly as the reference rounds them (IEEE division, round half to even).
+
+    The division runs as a multiply by the reciprocal ``inv``. The product is within 1.5 ulps
+    of the IEEE quotient, so its nearest integer can differ only when a half-integer lies within
+    2**-22 relative of it; if any element of the slab is that close to a tie (a few percent of
+    slabs), the whole slab is redone with the IEEE division. No clamp to the code grid: every
+    column's range is its exact min/max (max |z|), so the quotients lie in [0, qmax] (or
+    [-qmax, qmax]) up to a rounding that never reaches the next half-integer."""
+    d = z if SYMMETRIC else z - offset[:, None]
+    v = _mul(d, inv[:, None], EXACT)
     codes = _rint(v)
     near_tie = tl.abs(v - codes) >= 0.5 - tl.abs(v) * 2.384185791015625e-07  # 2**-22
     if tl.reduce(near_tie.to(tl.int32), None, _maximum) != 0:
-        codes = _rint(tl.math.div_rn(d, scale[None, :]))
-    lowest = -qmax if SYMMETRIC else qmax * 0.0
-    return tl.minimum(tl.maximum(codes, lowest[None, :]), qmax[None, :])
+        codes = _rint(tl.math.div_rn(d, scale[:, None]))
+    z_hat = _mul(codes, scale[:, None], EXACT)
+    if not SYMMETRIC:
+        z_hat = z_hat + offset[:, None]
+    return codes, z_hat
+
+
+@triton.jit
+def _tile_positions(t, sinks, n, sink_tiles, LEVELS: tl.constexpr):
+    """Quantized positions of a tile's ``R`` canonical coefficients, and which are real
+    (a sink tile's columns past the last sink are not)."""
+    R: tl.constexpr = 1 << LEVELS
+    if t < sink_tiles:
+        pos = t * R + tl.arange(0, R)
+        valid = pos < sinks
+    else:
+        pos = _coefficient_positions(t - sink_tiles, sinks, n, LEVELS)
+        valid = pos < sinks + n
+    return pos, valid
+
+
+@triton.jit
+def _tile_params(
+    part_ptr, param_ptr, tile, t, chunks, coeffs, sinks, n, sink_tiles,
+    high_tokens, qmax_high, qmax_low, LEVELS: tl.constexpr, SYMMETRIC: tl.constexpr,
+):  # fmt: skip
+    """Fold the ``chunks`` partial ranges of one tile's ``R`` coefficient rows and write their
+    quantizer parameters. The vectors here are fresh 1-D tensors, spread over the lanes, so
+    the per-row divisions run once per row rather than once per thread holding the row."""
+    R: tl.constexpr = 1 << LEVELS
+    slot = tile * R + tl.arange(0, R)
+    # .cg: read through to L2, where the other programs' stores landed.
+    hi = tl.load(part_ptr + slot, cache_modifier=".cg")
+    lo = tl.load(part_ptr + coeffs * chunks + slot, cache_modifier=".cg")
+    for c in range(1, chunks):
+        hi = tl.maximum(hi, tl.load(part_ptr + c * coeffs + slot, cache_modifier=".cg"))
+        lo = tl.minimum(lo, tl.load(part_ptr + (chunks + c) * coeffs + slot, cache_modifier=".cg"))
+    pos, _ = _tile_positions(t, sinks, n, sink_tiles, LEVELS)
+    offset, scale, inv = _quantizer_params(hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC)
+    tl.store(param_ptr + slot, offset)
+    tl.store(param_ptr + coeffs + slot, scale)
+    tl.store(param_ptr + 2 * coeffs + slot, inv)
 
 
 @triton.jit(do_not_specialize=["rows", "sinks", "n", "tiles_per_row", "sink_tiles", "chunks"])
 def _stamp_haar_kernel(
     x_ptr,
     out_ptr,
-    ws_ptr,
+    part_ptr,
+    param_ptr,
+    sync_ptr,
     probe_ptr,
     rows,
     S,
@@ -261,117 +310,124 @@ def _stamp_haar_kernel(
     EXACT: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
-    """One program = one ``R x BLOCK_D`` slab of one tile (see the module docstring).
+    """One program = one ``R x BLOCK_D`` slab of one tile (modes ``LOCAL``, ``FUSED``,
+    ``STATS``, ``APPLY``), or the parameters of one tile (``PARAMS``); see the module docstring.
 
-    Workspace (int64, zeroed): ``[ticket, arrivals[tiles], keys[rows, 2]]`` with one row per
-    (batch row, quantized position), ``keys[., 0]`` the max and ``keys[., 1]`` the negated min
-    (or ``max |z|`` alone when symmetric), in :func:`_orderable` encoding. ``EVEN_D``: ``D`` is a
-    multiple of ``BLOCK_D``, so no feature masks.
+    Buffers (float32 unless said): ``part[2, chunks, coeffs]`` partial max (or ``max |z|``) and
+    min per chunk and canonical coefficient ``tile * R + i``; ``param[3, coeffs]`` offset,
+    scale and reciprocal scale per canonical coefficient; ``sync`` (int64, zeroed):
+    ``[ticket, arrivals[tiles], ready[tiles]]``. ``EVEN_D``: ``D`` is a multiple of ``BLOCK_D``,
+    so no feature masks.
     """
     R: tl.constexpr = 1 << LEVELS
-    if MODE == 1:  # noqa: SIM108  (fused: take tiles in the order programs start; see the docstring)
-        pid = tl.atomic_add(ws_ptr, 1, sem="relaxed")
+    tiles = rows * tiles_per_row
+    coeffs = tiles * R
+    if MODE == _MODE_PARAMS:
+        tile = tl.program_id(0).to(tl.int64)
+        _tile_params(
+            part_ptr, param_ptr, tile, (tile % tiles_per_row).to(tl.int32), chunks, coeffs,
+            sinks, n, sink_tiles, high_tokens, qmax_high, qmax_low, LEVELS, SYMMETRIC,
+        )  # fmt: skip
+        return
+    if MODE == _MODE_FUSED:  # noqa: SIM108  (take tiles in the order programs start: docstring)
+        pid = tl.atomic_add(sync_ptr, 1, sem="relaxed")
     else:
         pid = tl.program_id(0).to(tl.int64)
     tile = pid // chunks
     chunk = (pid % chunks).to(tl.int32)
     row = tile // tiles_per_row
     t = (tile % tiles_per_row).to(tl.int32)
-    quantized = sinks + n  # tokens of the quantized sequence per batch row
-    key_base = ws_ptr + 1 + rows * tiles_per_row + row * quantized * 2
 
     is_sink = t < sink_tiles
-    group = t - sink_tiles
     cols = tl.arange(0, R)
     if is_sink:
         tokens = t * R + cols
         tok_ok = tokens < sinks
     else:
-        tokens = sinks + group * R + cols
+        tokens = sinks + (t - sink_tiles) * R + cols
         tok_ok = tokens < S
     # One 64-bit base per program, 32-bit offsets per element (the host checks they fit).
     feats = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
     feat_ok = feats < D
     if EVEN_D:
-        io_mask = tl.broadcast_to(tok_ok[None, :], [BLOCK_D, R])
+        io_mask = tl.broadcast_to(tok_ok[:, None], [R, BLOCK_D])
     else:
-        io_mask = feat_ok[:, None] & tok_ok[None, :]
+        io_mask = tok_ok[:, None] & feat_ok[None, :]
     x = tl.load(
-        x_ptr + row * stride_xb + (tokens * stride_xs)[None, :] + feats[:, None],
+        x_ptr + row * stride_xb + (tokens * stride_xs)[:, None] + feats[None, :],
         mask=io_mask,
         other=0.0,
     ).to(tl.float32)
-
-    if is_sink:
+    if is_sink:  # noqa: SIM108  (a runtime branch: sink tiles skip the transform)
         z = x
-        pos = tokens
-        valid = tok_ok
     else:
         z = _haar_forward(x, LEVELS, EXACT)  # padding tokens are zeros, as in the reference
-        pos = _coefficient_positions(group, sinks, n, LEVELS)
-        valid = pos < quantized
 
-    # Partial (or, for "local", complete) range of every coefficient row of the slab.
-    if SYMMETRIC:
-        za = tl.abs(z) if EVEN_D else tl.where(feat_ok[:, None], tl.abs(z), 0.0)
-        hi = tl.reduce(za, 0, _maximum)
-        lo = hi
-    elif EVEN_D:
-        hi = tl.reduce(z, 0, _maximum)
-        lo = tl.reduce(z, 0, _minimum)
-    else:
-        hi = tl.reduce(tl.where(feat_ok[:, None], z, -float("inf")), 0, _maximum)
-        lo = tl.reduce(tl.where(feat_ok[:, None], z, float("inf")), 0, _minimum)
-
-    if MODE != 0:
-        keys = key_base + pos * 2
-        if MODE != 3:
-            tl.atomic_max(keys, _orderable(hi), mask=valid, sem="relaxed")
-            if not SYMMETRIC:
-                tl.atomic_max(keys + 1, 0xFFFFFFFF - _orderable(lo), mask=valid, sem="relaxed")
-        if MODE == 1:
-            # Every thread's atomics are ordered before the release by the CTA barrier.
-            tl.debug_barrier()
-            arrivals = ws_ptr + 1 + tile
-            tl.atomic_add(arrivals, 1, sem="release")
-            seen = tl.atomic_add(arrivals, 0, sem="acquire")
-            while seen < chunks:
-                seen = tl.atomic_add(arrivals, 0, sem="acquire")
-        if MODE != 2:
-            # .cg: read through to L2, where the other programs' atomics landed.
-            hi = _from_orderable(tl.load(keys, mask=valid, other=1, cache_modifier=".cg"))
-            if not SYMMETRIC:
-                lo = _from_orderable(
-                    0xFFFFFFFF - tl.load(keys + 1, mask=valid, other=1, cache_modifier=".cg")
-                )
-
-    if MODE != 2:
-        # Largest codes arrive as ints (exact at any width) and become float32 here: Inductor
-        # passes Python floats to user kernels as float64.
-        qmax = tl.where(pos < high_tokens, qmax_high, qmax_low).to(tl.float32)
+    slot = tile * R + cols  # canonical coefficient index
+    if MODE != _MODE_APPLY:
+        # Partial (for LOCAL, complete) range of every coefficient row of the slab.
         if SYMMETRIC:
-            scale = tl.maximum(tl.math.div_rn(hi, qmax), TINY)
-            codes = _quantize_tile(z, lo, scale, qmax, SYMMETRIC, EXACT)
-            z_hat = _mul(codes, scale[None, :], EXACT)
+            za = tl.abs(z) if EVEN_D else tl.where(feat_ok[None, :], tl.abs(z), 0.0)
+            hi = tl.reduce(za, 1, _maximum)
+            lo = hi
+        elif EVEN_D:
+            hi = tl.reduce(z, 1, _maximum)
+            lo = tl.reduce(z, 1, _minimum)
         else:
-            scale = tl.maximum(tl.math.div_rn(hi - lo, qmax), TINY)
-            codes = _quantize_tile(z, lo, scale, qmax, SYMMETRIC, EXACT)
-            z_hat = _mul(codes, scale[None, :], EXACT) + lo[None, :]
-        if PROBE:
-            # Test hook: codes and q/dq values at [2, rows, quantized, D].
-            at = probe_ptr + (row * quantized + pos)[None, :] * D + feats[:, None]
-            probe_mask = feat_ok[:, None] & valid[None, :]
-            tl.store(at, codes, mask=probe_mask)
-            tl.store(at + rows * quantized * D, z_hat, mask=probe_mask)
-        if is_sink:  # noqa: SIM108  (a runtime branch: sink tiles skip the transform)
-            y = z_hat
-        else:
-            y = _haar_inverse(z_hat, LEVELS, EXACT)
-        tl.store(
-            out_ptr + row * stride_ob + (tokens * stride_os)[None, :] + feats[:, None],
-            y.to(out_ptr.dtype.element_ty),
-            mask=io_mask,
+            hi = tl.reduce(tl.where(feat_ok[None, :], z, -float("inf")), 1, _maximum)
+            lo = tl.reduce(tl.where(feat_ok[None, :], z, float("inf")), 1, _minimum)
+        if MODE != _MODE_LOCAL:
+            tl.store(part_ptr + chunk * coeffs + slot, hi)
+            if not SYMMETRIC:
+                tl.store(part_ptr + (chunks + chunk) * coeffs + slot, lo)
+    if MODE == _MODE_STATS:
+        return
+
+    if MODE == _MODE_LOCAL:
+        pos, valid = _tile_positions(t, sinks, n, sink_tiles, LEVELS)
+        offset, scale, inv = _quantizer_params(
+            hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC
         )
+    else:
+        if MODE == _MODE_FUSED:
+            # Every thread's stores are ordered before the release by the CTA barrier; the
+            # program that completes the tile computes its parameters for everybody.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(sync_ptr + 1 + tile, 1, sem="acq_rel")
+            ready = sync_ptr + 1 + tiles + tile
+            if arrived == chunks - 1:
+                _tile_params(
+                    part_ptr, param_ptr, tile, t, chunks, coeffs, sinks, n, sink_tiles,
+                    high_tokens, qmax_high, qmax_low, LEVELS, SYMMETRIC,
+                )  # fmt: skip
+                tl.debug_barrier()
+                tl.atomic_xchg(ready, 1, sem="release")
+            seen = tl.atomic_add(ready, 0, sem="acquire")
+            while seen == 0:
+                seen = tl.atomic_add(ready, 0, sem="acquire")
+        offset = tl.load(param_ptr + slot, cache_modifier=".cg")
+        scale = tl.load(param_ptr + coeffs + slot, cache_modifier=".cg")
+        inv = tl.load(param_ptr + 2 * coeffs + slot, cache_modifier=".cg")
+        if PROBE:
+            pos, valid = _tile_positions(t, sinks, n, sink_tiles, LEVELS)
+
+    codes, z_hat = _fake_quant_slab(z, offset, scale, inv, SYMMETRIC, EXACT)
+    if PROBE:
+        # Test hook: codes and q/dq values at [2, rows, quantized, D].
+        quantized = sinks + n
+        at = probe_ptr + (row * quantized + pos)[:, None] * D + feats[None, :]
+        probe_mask = valid[:, None] & feat_ok[None, :]
+        tl.store(at, codes, mask=probe_mask)
+        tl.store(at + rows * quantized * D, z_hat, mask=probe_mask)
+    if is_sink:  # noqa: SIM108
+        y = z_hat
+    else:
+        y = _haar_inverse(z_hat, LEVELS, EXACT)
+    tl.store(
+        out_ptr + row * stride_ob + (tokens * stride_os)[:, None] + feats[None, :],
+        y.to(out_ptr.dtype.element_ty),
+        mask=io_mask,
+    )
 
 
 # -- host side -----------------------------------------------------------------------------------
@@ -386,19 +442,16 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def _features_per_thread(levels: int) -> int:
-    """Each thread holds all ``R`` tokens of ``F`` features: ``F * R <= SLAB_REGISTERS``."""
-    return max(1, min(4, SLAB_REGISTERS >> levels))
-
-
 def block_d_for(levels: int, features: int) -> int:
-    """Feature slab width for a ``2**levels``-token tile (see the module docstring)."""
-    full = _features_per_thread(levels) * 32 * WARPS
-    return max(16, min(full, _next_pow2(features)))
+    """Feature slab width of one program (``levels`` is accepted for callers that tile by
+    depth; the measured best width does not depend on it: see ``DEFAULT_BLOCK_D``)."""
+    del levels
+    return max(16, min(DEFAULT_BLOCK_D, _next_pow2(features)))
 
 
 def _num_warps(levels: int, block_d: int) -> int:
-    return max(1, min(WARPS, block_d // (32 * _features_per_thread(levels))))
+    del levels
+    return max(1, min(WARPS, block_d // 32))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -462,25 +515,34 @@ def _launch(
     programs = tiles * chunks
 
     if schedule == "auto":
-        if chunks == 1:
-            schedule = "local"
-        elif interpreted() or x.device.type != "cuda" or chunks > _sm_count(x.device):
-            schedule = "two_pass"
-        else:
-            schedule = "fused"
+        # "split" measured faster than "fused" on an H200 (see DEFAULT_BLOCK_D).
+        schedule = "local" if chunks == 1 else "split"
+    if schedule == "fused" and x.device.type == "cuda" and chunks > _sm_count(x.device):
+        raise ValueError(
+            f"schedule 'fused' needs the {chunks} programs of a tile on the GPU at once, more "
+            f"than its {_sm_count(x.device)} SMs guarantee; use 'split' or a wider block_d"
+        )
     if schedule == "fused" and interpreted():
         raise ValueError(
             "schedule 'fused' synchronises programs, which the Triton interpreter runs one "
-            "at a time; use 'two_pass' or 'local'"
+            "at a time; use 'split' or 'local'"
         )
     if schedule == "local" and chunks != 1:
         raise ValueError(f"schedule 'local' needs one feature slab per tile, got {chunks} chunks")
 
     quantized = sinks + coeffs
-    if schedule == "local":
-        ws = torch.empty((1,), dtype=torch.int64, device=x.device)  # never touched
+    coefficients = tiles * tile  # canonical coefficient rows (sink tiles padded to R)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    if schedule == "local":  # no buffers: each program sees whole rows
+        part = param = torch.empty((1,), **f32)
     else:
-        ws = torch.zeros((1 + tiles + 2 * rows * quantized,), dtype=torch.int64, device=x.device)
+        part = torch.empty((2 * chunks * coefficients,), **f32)
+        param = torch.empty((3 * coefficients,), **f32)
+    sync = (
+        torch.zeros((1 + 2 * tiles,), dtype=torch.int64, device=x.device)
+        if schedule == "fused"
+        else torch.empty((1,), dtype=torch.int64, device=x.device)
+    )
     codes = (
         torch.zeros((2, rows, quantized, feats), dtype=torch.float32, device=x.device)
         if probe
@@ -488,7 +550,7 @@ def _launch(
     )
     qmax = (lambda b: 2 ** (b - 1) - 1) if symmetric else (lambda b: 2**b - 1)
     args = (
-        x3, out, ws, codes if probe else out,
+        x3, out, part, param, sync, codes if probe else out,
         rows, seq, feats, sinks, coeffs, tiles_per_row, sink_tiles, chunks,
         x3.stride(0), x3.stride(1), out.stride(0), out.stride(1),
         high_tokens, qmax(high_bits), qmax(low_bits),
@@ -507,13 +569,14 @@ def _launch(
     tracing = isinstance(x, FakeTensor) or bool(_get_current_dispatch_mode_stack())
     kernel = wrap_triton(_stamp_haar_kernel) if tracing else _stamp_haar_kernel
     if programs:
-        modes = {
-            "local": (_MODE_LOCAL,),
-            "fused": (_MODE_FUSED,),
-            "two_pass": (_MODE_STATS, _MODE_APPLY),
+        launches = {
+            "local": ((_MODE_LOCAL, programs),),
+            "fused": ((_MODE_FUSED, programs),),
+            "split": ((_MODE_STATS, programs), (_MODE_PARAMS, tiles), (_MODE_APPLY, programs)),
         }[schedule]
-        for mode in modes:
-            kernel[(programs,)](*args, MODE=mode, **meta)
+        for mode, grid in launches:
+            # A plain int: Inductor writes launch constants into its generated code by repr.
+            kernel[(grid,)](*args, MODE=mode.value, **meta)
     return out.to(x.dtype).reshape(shape), codes
 
 
@@ -528,13 +591,14 @@ def haar_fake_quant(
     *,
     block_d: int | None = None,
     schedule: str = "auto",
+    num_warps: int | None = None,
 ) -> Tensor:
     """STaMP Haar fake quantization of ``x`` ([..., S, D]) with the fused kernel.
 
     ``levels=-1`` picks :func:`~stamp_fx.transforms.auto_haar_levels` for the ``S - sinks``
     transformed tokens with target ``max(1, high_tokens)`` (as :class:`SitePolicy` does).
-    ``block_d`` and ``schedule`` override the tiling (tests use them to force the multi-chunk
-    paths). Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+    ``block_d``, ``schedule`` and ``num_warps`` override the tiling (tests use them to force the
+    multi-chunk paths; ``benchmarks/bench_kernel_tiling.py`` sweeps them). Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
     """
     seq = x.shape[-2]
     transformed = max(0, seq - sink_tokens) if isinstance(seq, int) else seq - sink_tokens
@@ -542,7 +606,7 @@ def haar_fake_quant(
     block_d = block_d or block_d_for(levels, x.shape[-1])
     out, _ = _launch(
         x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric,
-        block_d=block_d, schedule=schedule, probe=False,
+        block_d=block_d, schedule=schedule, probe=False, num_warps=num_warps,
     )  # fmt: skip
     return out
 

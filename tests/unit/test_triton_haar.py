@@ -105,7 +105,7 @@ def test_schedules_agree_bit_for_bit(symmetric):
     x = randn((2, 77, 48), 7, torch.bfloat16).to(DEVICE)
     args = (3, 1, 9, 8, 4, symmetric)
     local = triton_haar.haar_fake_quant(*(x, *args), block_d=64, schedule="local")
-    split = triton_haar.haar_fake_quant(*(x, *args), block_d=16, schedule="two_pass")
+    split = triton_haar.haar_fake_quant(*(x, *args), block_d=16, schedule="split")
     assert torch.equal(local, split)
     policy = SitePolicy(levels=3, sink_tokens=1, high_tokens=9, symmetric=symmetric)
     assert torch.equal(local, policy.apply(x, 1))
