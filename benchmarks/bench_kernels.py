@@ -8,7 +8,9 @@ bits, the rest at 4; ``--sinks`` sink tokens), for S in {1024, 2048, 4096, 8192}
 * ``eager``: the reference (``SitePolicy.apply``, what the ``reference`` lowering calls);
 * ``inductor``: the ``inductor`` lowering's decomposition compiled by Inductor;
 * ``kernel``: the hand-written fused Triton kernel (``stamp::haar_fake_quant``), CUDA only
-  (or the Triton interpreter with TRITON_INTERPRET=1, which is not a speed measurement).
+  (or the Triton interpreter with TRITON_INTERPRET=1, which is not a speed measurement);
+* ``kernel-split`` (opt-in with ``--methods``): the same kernel forced to its three-launch
+  ``split`` schedule (statistics, parameters, apply: the activation is read twice).
 
 Each row: median time, effective bandwidth ``2 * S * D * itemsize / time`` (one read plus one
 write, the minimum traffic) and that bandwidth as a percentage of the device-to-device copy
@@ -65,14 +67,25 @@ def compiled_node(policy: SitePolicy, lowering: str, device: str):
     return torch.compile(node, backend=low.compile_fx)
 
 
-def kernel_fn(policy: SitePolicy, device: str):
-    """The hand-written kernel, or None where it cannot run (CPU without the interpreter)."""
+def kernel_fn(policy: SitePolicy, device: str, schedule: str = "auto"):
+    """The hand-written kernel (``schedule``: see lowering/triton_haar.py), or None where it
+    cannot run (CPU without the interpreter)."""
     try:
         from stamp_fx.lowering import triton_haar
     except ImportError:
         return None
     if device == "cpu" and not triton_haar.interpreted():
         return None
+
+    if schedule != "auto":
+
+        def scheduled(x):
+            return triton_haar.haar_fake_quant(
+                x, -1, policy.sink_tokens, policy.high_tokens, policy.high_bits,
+                policy.low_bits, policy.symmetric, schedule=schedule,
+            )  # fmt: skip
+
+        return scheduled
 
     def run(x):
         return torch.ops.stamp.haar_fake_quant(
@@ -91,7 +104,7 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="*", default=None)
     parser.add_argument(
         "--methods", nargs="*", default=["eager", "inductor", "kernel"],
-        choices=["eager", "inductor", "kernel"],
+        choices=["eager", "inductor", "kernel", "kernel-split"],
     )  # fmt: skip
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
@@ -115,6 +128,7 @@ def main() -> None:
                 "eager": lambda x: policy.apply(x, 1),
                 "inductor": compiled_node(policy, "inductor", args.device),
                 "kernel": kernel_fn(policy, args.device),
+                "kernel-split": kernel_fn(policy, args.device, "split"),
             }
             for method in args.methods:
                 fn = fns[method]
