@@ -132,14 +132,30 @@ def _by_inv_sqrt2(a, EXACT: tl.constexpr):
 
 
 @triton.jit
+def _bit_reverse(i, BITS: tl.constexpr):
+    """``i`` with its low ``BITS`` bits in reverse order."""
+    r = i * 0
+    for b in tl.static_range(BITS):
+        r = r | (((i >> b) & 1) << (BITS - 1 - b))
+    return r
+
+
+@triton.jit
 def _haar_forward(t, DEPTH: tl.constexpr, EXACT: tl.constexpr):
-    """``[M, BLOCK_D]`` slab of ``M = 2**DEPTH`` consecutive tokens (rows) -> its Haar
-    coefficients in canonical order ``[a, d_DEPTH, ..., d_1]`` along the rows."""
+    """``[M, BLOCK_D]`` slab of ``M = 2**DEPTH`` consecutive tokens *in bit-reversed order*
+    (row ``p`` holds token ``bitrev(p)``) -> its Haar coefficients ``[a, d_DEPTH, ...,
+    d_1]`` along the rows, each detail band in bit-reversed order.
+
+    Why bit-reversed: then the even tokens are the first half of the rows and the odd tokens
+    the second half, and the approximations come out bit-reversed again, so every level is a
+    halving of the row axis. With Triton's load layout (a thread holds rows ``r, r + M/4, ...``)
+    the finest levels, which carry most of the work, stay inside a thread; adjacent-token
+    pairs would cross lanes at every level."""
     if DEPTH == 0:
         return t
     else:
-        pairs = tl.permute(tl.reshape(t, [t.shape[0] // 2, 2, t.shape[1]]), (0, 2, 1))
-        even, odd = tl.split(pairs)
+        halves = tl.permute(tl.reshape(t, [2, t.shape[0] // 2, t.shape[1]]), (1, 2, 0))
+        even, odd = tl.split(halves)
         approx = _by_inv_sqrt2(even + odd, EXACT)
         detail = _by_inv_sqrt2(even - odd, EXACT)
         head = _haar_forward(approx, DEPTH - 1, EXACT)
@@ -150,7 +166,7 @@ def _haar_forward(t, DEPTH: tl.constexpr, EXACT: tl.constexpr):
 
 @triton.jit
 def _haar_inverse(t, DEPTH: tl.constexpr, EXACT: tl.constexpr):
-    """Inverse of :func:`_haar_forward`: canonical coefficients -> tokens."""
+    """Inverse of :func:`_haar_forward`: coefficients -> tokens in bit-reversed order."""
     if DEPTH == 0:
         return t
     else:
@@ -159,22 +175,25 @@ def _haar_inverse(t, DEPTH: tl.constexpr, EXACT: tl.constexpr):
         approx = _haar_inverse(head, DEPTH - 1, EXACT)
         even = _by_inv_sqrt2(approx + detail, EXACT)
         odd = _by_inv_sqrt2(approx - detail, EXACT)
-        # Interleave: token 2i is even[i], token 2i + 1 is odd[i].
-        both = tl.permute(tl.join(even, odd), (0, 2, 1))
+        # concat(even, odd) along the rows: the even tokens first, as they were loaded.
+        both = tl.permute(tl.join(even, odd), (2, 0, 1))
         return tl.reshape(both, [t.shape[0], t.shape[1]])
 
 
 @triton.jit
 def _coefficient_positions(group, sinks, n, LEVELS: tl.constexpr):
-    """Position in the quantized sequence ``[sinks, a_J, d_J, ..., d_1]`` of each canonical
-    coefficient of Haar group ``group`` (``n`` coefficients in all)."""
+    """Position in the quantized sequence ``[sinks, a_J, d_J, ..., d_1]`` of each coefficient
+    row of Haar group ``group`` as :func:`_haar_forward` leaves them (``n`` coefficients in
+    all): row ``i`` in band ``j`` (rows ``w .. 2w - 1``, ``w = R / 2**j``) is detail
+    ``bitrev(i - w)`` of the group's ``w``."""
     R: tl.constexpr = 1 << LEVELS
     i = tl.arange(0, R)
     pos = sinks + group + i * 0  # a_J
     for j in tl.static_range(1, LEVELS + 1):
         width = R >> j
         in_band = (i >= width) & (i < 2 * width)
-        pos = tl.where(in_band, sinks + (n >> j) + group * width + (i - width), pos)
+        offset = _bit_reverse(i - width, LEVELS - j)
+        pos = tl.where(in_band, sinks + (n >> j) + group * width + offset, pos)
     return pos
 
 
@@ -343,8 +362,8 @@ def _stamp_haar_kernel(
     if is_sink:
         tokens = t * R + cols
         tok_ok = tokens < sinks
-    else:
-        tokens = sinks + (t - sink_tiles) * R + cols
+    else:  # bit-reversed token order (see _haar_forward)
+        tokens = sinks + (t - sink_tiles) * R + _bit_reverse(cols, LEVELS)
         tok_ok = tokens < S
     # One 64-bit base per program, 32-bit offsets per element (the host checks they fit).
     feats = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
