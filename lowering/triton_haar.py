@@ -46,18 +46,18 @@ the per-element division by the scale is a multiply by its reciprocal with an ex
 slabs holding a near-tie (see :func:`_fake_quant_slab`).
 
 Performance (H200, bf16, CUDA-graph replay; ``benchmarks/bench_kernels.py`` and
-``benchmarks/bench_kernel_tiling.py``, numbers in ``benchmarks/RESULTS.md``): 19-36 % of the
+``benchmarks/bench_kernel_tiling.py``, numbers in ``benchmarks/RESULTS.md``): 19-37 % of the
 device-to-device copy bandwidth (the previous design, with per-row parameters recomputed by
-every thread: 12-20 %), 1.4-2x faster than Inductor's code for the decomposition, still far
-from the 80 % target. Why, from the SASS (compiled offline for sm_90) and the tiling sweep: the
-apply pass issues ~50 instructions per element (static count, fast path ~35: butterflies,
-quantize, the tie test, layout shuffles between Triton's load layout and the one ``tl.split``
-/ ``tl.join`` need, with barriers); the 128-feature slab needs ~96-220 registers (J=5-7;
-spills at J=7), so an SM runs only 2-4 programs and the butterflies' dependent chains are not
-hidden; and ``split`` re-reads the activation. Levers not yet pulled: pin the slab layout so
-the token butterflies never leave a thread (Gluon or a bit-reversed token order with in-register
-halving), one launch without spin-waits (a cluster/DSMEM reduction over the chunks on Hopper),
-and fusing the statistics into the producer's epilogue.
+every thread: 12-20 %), 1.4-2x faster than Inductor's code for the decomposition, far from the
+80 % target. Nsight Compute at 2048 x 4096 (J=5): statistics 12.1 us at 29 % of DRAM bandwidth,
+parameters 4.9 us (64 programs: launch and latency), apply 24.4 us at 15 % of DRAM bandwidth
+and 53 % of SM throughput, with 84 and 126 registers per thread capping occupancy at 31 % and
+25 %. So the passes are latency- and issue-bound, not memory-bound: the Haar butterflies are
+long dependent chains, the slab needs many registers, and ``split`` also re-reads the
+activation (the apply pass hits L2 for about half of it). Levers not yet pulled: pin the slab
+layout so all token butterflies stay in a thread with fewer registers (Gluon), one launch
+without spin-waits (a cluster/DSMEM reduction over a tile's chunks on Hopper), and fusing the
+statistics into the producer's epilogue.
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ _MODE_LOCAL, _MODE_FUSED, _MODE_STATS, _MODE_PARAMS, _MODE_APPLY = (
 INV_SQRT2 = tl.constexpr(1.0 / math.sqrt(2.0))  # the double the reference multiplies by
 TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
+CHUNK_BLOCK = tl.constexpr(32)  # partial ranges folded per step (see _tile_params)
 
 
 # -- device functions ----------------------------------------------------------------------------
@@ -285,12 +286,26 @@ def _tile_params(
     the per-row divisions run once per row rather than once per thread holding the row."""
     R: tl.constexpr = 1 << LEVELS
     slot = tile * R + tl.arange(0, R)
-    # .cg: read through to L2, where the other programs' stores landed.
-    hi = tl.load(part_ptr + slot, cache_modifier=".cg")
-    lo = tl.load(part_ptr + coeffs * chunks + slot, cache_modifier=".cg")
-    for c in range(1, chunks):
-        hi = tl.maximum(hi, tl.load(part_ptr + c * coeffs + slot, cache_modifier=".cg"))
-        lo = tl.minimum(lo, tl.load(part_ptr + (chunks + c) * coeffs + slot, cache_modifier=".cg"))
+    # [R, CHUNK_BLOCK] partials per step: the loads of a step are independent, so a tile with
+    # many chunks costs a few memory round trips, not one per chunk (ncu on an H200: 7.1 us of
+    # a 44 us node at 2048 x 4096 with one load per chunk). .cg: read through to L2, where the
+    # other programs' stores landed.
+    # Accumulate elementwise and reduce once after the loop (a reduction inside the loop
+    # crashed Triton 3.6's OptimizeThreadLocality pass).
+    chunk = tl.arange(0, CHUNK_BLOCK)
+    hi_acc = tl.full([R, CHUNK_BLOCK], -float("inf"), tl.float32)
+    lo_acc = tl.full([R, CHUNK_BLOCK], float("inf"), tl.float32)
+    for first in range(0, chunks, CHUNK_BLOCK):
+        ok = (first + chunk < chunks)[None, :]
+        at = part_ptr + (first + chunk)[None, :] * coeffs + slot[:, None]
+        hi_acc = tl.maximum(hi_acc, tl.load(at, mask=ok, other=-float("inf"), cache_modifier=".cg"))
+        if not SYMMETRIC:
+            lo_acc = tl.minimum(
+                lo_acc,
+                tl.load(at + chunks * coeffs, mask=ok, other=float("inf"), cache_modifier=".cg"),
+            )
+    hi = tl.reduce(hi_acc, 1, _maximum)
+    lo = tl.reduce(lo_acc, 1, _minimum)
     pos, _ = _tile_positions(t, sinks, n, sink_tiles, LEVELS)
     offset, scale, inv = _quantizer_params(hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC)
     tl.store(param_ptr + slot, offset)

@@ -111,6 +111,20 @@ def test_schedules_agree_bit_for_bit(symmetric):
     assert torch.equal(local, policy.apply(x, 1))
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_ranges_of_more_chunks_than_one_fold_step(symmetric):
+    """70 feature slabs per tile: the parameter pass folds the partial ranges in steps of
+    CHUNK_BLOCK, the last one partial; codes must still equal the reference's."""
+    chunks = 2 * int(triton_haar.CHUNK_BLOCK) + 6
+    x = randn((1, 9, 16 * chunks - 5), 11, torch.float32).to(DEVICE)
+    policy = SitePolicy(levels=2, sink_tokens=1, high_tokens=3, symmetric=symmetric)
+    out, codes, z_hat = run_probe(x, policy, block_d=16, schedule="split")
+    ref_codes, ref_z_hat = reference_codes(x, policy)
+    assert torch.equal(codes, ref_codes.reshape(codes.shape))
+    assert torch.equal(z_hat, ref_z_hat.reshape(z_hat.shape))
+    assert_fused_close(out, policy.apply(x, -2))
+
+
 def test_rounding_ties_match_the_reference_division():
     """A value whose quotient by the scale is exactly 13.5 (rounds to 14) while its product
     with the rounded reciprocal is 13.499999 (rounds to 13): the kernel multiplies by the
