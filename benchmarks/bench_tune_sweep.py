@@ -12,7 +12,7 @@ import torch
 
 from stamp_fx import assets
 from stamp_fx.evaluation import Method, average_bits, compile_method, perplexity, token_windows
-from stamp_fx.tune import tune
+from stamp_fx.tuning import tune
 
 torch.manual_seed(0)
 lows = tuple(int(v) for v in sys.argv[1].split(",")) if len(sys.argv) > 1 else (4, 5)

@@ -40,6 +40,7 @@ from .transforms import (
     register_transform,
     token_autocorrelation,
 )
+from .tuning import TuneResult, tune
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,8 @@ __all__ = [
     "explain",
     "load_plan",
     "stamp_backend",
+    "tune",
+    "TuneResult",
     "CONFIG_VERSION",
     "DEFAULT_ALLOWED_BITS",
     "LayerCurve",

@@ -74,7 +74,7 @@ def _load_lm(name_or_path: str, gguf_dir: Path | None = None):
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from .tune import tune
+    from .tuning import tune
 
     loaded = _load_lm(args.model, args.gguf_dir)
     loaded.model.to(args.device)
@@ -125,7 +125,7 @@ def _tune(args: argparse.Namespace) -> int:
 def _uniform_rule_for(result, options: dict) -> dict:
     """The paper's uniform rule at the tuned budget: the largest common high_tokens (at the
     config's low_bits) within it."""
-    from .tune import Option
+    from .tuning import Option
 
     low = result.plan.meta["config"]["low_bits"]
     grid = sorted({o.high_tokens for s in result.sites.values() for o in s.bits})
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     tn.add_argument("--transform", default="haar")
     tn.add_argument("--feature-transform", default="hadamard", choices=["none", "hadamard"])
-    from .tune import DEFAULT_HIGH_TOKEN_GRID, DEFAULT_OBJECTIVE, OBJECTIVES
+    from .tuning import DEFAULT_HIGH_TOKEN_GRID, DEFAULT_OBJECTIVE, OBJECTIVES
 
     tn.add_argument(
         "--objective",

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import stamp_fx
 from stamp_fx import StampCompiler
-from stamp_fx.tune import OBJECTIVES, TUNE_META_SCHEMA, LossGradients, next_token_loss, tune
+from stamp_fx.tuning import OBJECTIVES, TUNE_META_SCHEMA, LossGradients, next_token_loss, tune
 from tests import models
 from tests.helpers import compile_and_run, eager_with_plan
 
