@@ -12,11 +12,13 @@ Tiling. A J-level Haar transform is block-local: input tokens ``s + g*2**J .. s 
 position: ``a_J[g]``, ``d_J[g]``, ``d_{J-1}[2g..2g+1]``, ..., ``d_1[2**(J-1) g ..]``; and the inverse
 of those ``2**J`` coefficients gives back exactly those input tokens. So the unit of work is a
 *tile* of ``R = 2**J`` consecutive tokens of one batch row: it is transformed, quantized and
-inverted without ever looking at another tile. Inside a tile the ``R`` coefficients are kept in
-the canonical order ``[a_J, d_J, d_{J-1} (2), ..., d_1 (R/2)]`` (recursive halving with
-``tl.split`` / ``tl.join``, the reference's exact operations and rounding), and every coefficient
-knows its position in the global quantized sequence ``[sinks, a_J, d_J, ..., d_1]``
-(``p = s + n/2**j + g*R/2**j + i`` for ``d_j``), which gives its bit width (``p < high_tokens``).
+inverted without ever looking at another tile. The tile's tokens are loaded in bit-reversed
+order, so each level is a halving of the rows (``tl.split`` / ``tl.join``, the reference's exact
+operations and rounding), and its ``R`` coefficients come out as ``[a_J, d_J, d_{J-1} (2), ...,
+d_1 (R/2)]``, each detail band in bit-reversed order (see :func:`_haar_forward`). Every
+coefficient knows its position in the global quantized sequence ``[sinks, a_J, d_J, ..., d_1]``
+(``p = s + n/2**j + g*R/2**j + i`` for detail ``i`` of ``d_j``), which gives its bit width
+(``p < high_tokens``).
 Sink tokens form their own tiles with no transform.
 
 The catch is the per-token range: one coefficient row spans all ``D`` features, and an
@@ -201,8 +203,8 @@ def _coefficient_positions(group, sinks, n, LEVELS: tl.constexpr):
 @triton.jit
 def _rint(v):
     """Round half to even (``torch.round``) for ``|v| < 2**22``: adding 1.5 * 2**23 leaves no
-    fraction bits, so the adder's own round-to-nearest-even does it. Larger ``|v|`` only occur
-    beyond the code range and are clamped right after."""
+    fraction bits, so the adder's own round-to-nearest-even does it. Larger ``|v|`` do not
+    occur: every quotient lies within the code range (see :func:`_fake_quant_slab`)."""
     return (v + ROUND_MAGIC) - ROUND_MAGIC
 
 
@@ -476,15 +478,13 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def block_d_for(levels: int, features: int) -> int:
-    """Feature slab width of one program (``levels`` is accepted for callers that tile by
-    depth; the measured best width does not depend on it: see ``DEFAULT_BLOCK_D``)."""
-    del levels
+def block_d_for(features: int) -> int:
+    """Feature slab width of one program (the measured best width does not depend on the
+    tile depth: see ``DEFAULT_BLOCK_D``)."""
     return max(16, min(DEFAULT_BLOCK_D, _next_pow2(features)))
 
 
-def _num_warps(levels: int, block_d: int) -> int:
-    del levels
+def _num_warps(block_d: int) -> int:
     return max(1, min(WARPS, block_d // 32))
 
 
@@ -596,7 +596,7 @@ def _launch(
         "PROBE": bool(probe),
         "EXACT": exact_mul and not interpreted(),
         "EVEN_D": feats % block_d == 0,
-        "num_warps": num_warps or _num_warps(levels, block_d),
+        "num_warps": num_warps or _num_warps(block_d),
     }
     # Under tracing (Inductor, make_fx) the launch must go through wrap_triton to be recorded;
     # eagerly that path costs a higher-order-op dispatch per launch, so launch directly.
@@ -632,12 +632,13 @@ def haar_fake_quant(
     ``levels=-1`` picks :func:`~stamp_fx.transforms.auto_haar_levels` for the ``S - sinks``
     transformed tokens with target ``max(1, high_tokens)`` (as :class:`SitePolicy` does).
     ``block_d``, ``schedule`` and ``num_warps`` override the tiling (tests use them to force the
-    multi-chunk paths; ``benchmarks/bench_kernel_tiling.py`` sweeps them). Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+    multi-chunk paths; ``benchmarks/bench_kernel_tiling.py`` sweeps them). Runs on CUDA
+    tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
     """
     seq = x.shape[-2]
     transformed = max(0, seq - sink_tokens) if isinstance(seq, int) else seq - sink_tokens
     levels = haar_levels(transformed, levels, max(1, high_tokens))
-    block_d = block_d or block_d_for(levels, x.shape[-1])
+    block_d = block_d or block_d_for(x.shape[-1])
     out, _ = _launch(
         x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric,
         block_d=block_d, schedule=schedule, probe=False, num_warps=num_warps,
@@ -662,7 +663,7 @@ def haar_fake_quant_probe(
     tensors of shape ``[rows, s + n, D]`` (``rows`` = the leading dims flattened)."""
     if levels < 0:
         raise ValueError("haar_fake_quant_probe needs concrete levels")
-    block_d = block_d or block_d_for(levels, x.shape[-1])
+    block_d = block_d or block_d_for(x.shape[-1])
     out, planes = _launch(
         x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric,
         block_d=block_d, schedule=schedule, probe=True,
