@@ -103,9 +103,7 @@ WARPS = 4
 """Warps per program (at most)."""
 SCHEDULES = ("auto", "local", "fused", "split")
 
-_MODE_LOCAL, _MODE_FUSED, _MODE_STATS, _MODE_PARAMS, _MODE_APPLY = (
-    tl.constexpr(m) for m in range(5)
-)
+_MODE_LOCAL, _MODE_FUSED, _MODE_STATS, _MODE_APPLY = (tl.constexpr(m) for m in range(4))
 INV_SQRT2 = tl.constexpr(1.0 / math.sqrt(2.0))  # the double the reference multiplies by
 TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
@@ -242,22 +240,32 @@ def _quantizer_params(hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC: 
 
 
 @triton.jit
+def _divide(d, scale, inv, EXACT: tl.constexpr):
+    """``d / scale`` rounded like IEEE division, from the reciprocal ``inv = RN(1 / scale)``.
+
+    ``q = RN(d * inv)`` is within 1.5 ulps of the quotient; one correction ``q + r * inv``
+    with the exact residual ``r = d - scale * q`` (an FMA) brings it within one ulp, and a
+    second is then the correctly rounded quotient (Markstein's theorem: ``inv`` correctly
+    rounded, ``q`` within one ulp). One correction alone is measurably not enough (a few
+    quotients in 10**7 adversarial ones stay one ulp off). Five instructions, no branch. The
+    interpreter divides directly (NumPy's float32 division is IEEE)."""
+    if EXACT:
+        q = _mul(d, inv, EXACT)
+        q = tl.fma(tl.fma(-scale, q, d), inv, q)
+        return tl.fma(tl.fma(-scale, q, d), inv, q)
+    else:
+        return tl.math.div_rn(d, scale)
+
+
+@triton.jit
 def _fake_quant_slab(z, offset, scale, inv, SYMMETRIC: tl.constexpr, EXACT: tl.constexpr):
-    """Integer codes ``round((z - offset) / scale)`` and ``codes * scale + offset`` per column,
+    """Integer codes ``round((z - offset) / scale)`` and ``codes * scale + offset`` per row,
     rounded exactly as the reference rounds them (IEEE division, round half to even).
 
-    The division runs as a multiply by the reciprocal ``inv``. The product is within 1.5 ulps
-    of the IEEE quotient, so its nearest integer can differ only when a half-integer lies within
-    2**-22 relative of it; if any element of the slab is that close to a tie (a few percent of
-    slabs), the whole slab is redone with the IEEE division. No clamp to the code grid: every
-    column's range is its exact min/max (max |z|), so the quotients lie in [0, qmax] (or
-    [-qmax, qmax]) up to a rounding that never reaches the next half-integer."""
+    No clamp to the code grid: every row's range is its exact min/max (max |z|), so the
+    correctly rounded quotients lie in [0, qmax] (or [-qmax, qmax])."""
     d = z if SYMMETRIC else z - offset[:, None]
-    v = _mul(d, inv[:, None], EXACT)
-    codes = _rint(v)
-    near_tie = tl.abs(v - codes) >= 0.5 - tl.abs(v) * 2.384185791015625e-07  # 2**-22
-    if tl.reduce(near_tie.to(tl.int32), None, _maximum) != 0:
-        codes = _rint(tl.math.div_rn(d, scale[:, None]))
+    codes = _rint(_divide(d, scale[:, None], inv[:, None], EXACT))
     z_hat = _mul(codes, scale[:, None], EXACT)
     if not SYMMETRIC:
         z_hat = z_hat + offset[:, None]
@@ -284,8 +292,9 @@ def _tile_params(
     high_tokens, qmax_high, qmax_low, LEVELS: tl.constexpr, SYMMETRIC: tl.constexpr,
 ):  # fmt: skip
     """Fold the ``chunks`` partial ranges of one tile's ``R`` coefficient rows and write their
-    quantizer parameters. The vectors here are fresh 1-D tensors, spread over the lanes, so
-    the per-row divisions run once per row rather than once per thread holding the row."""
+    quantizer parameters (offset, scale, reciprocal scale). The vectors here are fresh 1-D
+    tensors, spread over the lanes, so the per-row divisions run once per row rather than once
+    per thread holding the row."""
     R: tl.constexpr = 1 << LEVELS
     slot = tile * R + tl.arange(0, R)
     # [R, CHUNK_BLOCK] partials per step: the loads of a step are independent, so a tile with
@@ -347,24 +356,17 @@ def _stamp_haar_kernel(
     EVEN_D: tl.constexpr,
 ):
     """One program = one ``R x BLOCK_D`` slab of one tile (modes ``LOCAL``, ``FUSED``,
-    ``STATS``, ``APPLY``), or the parameters of one tile (``PARAMS``); see the module docstring.
+    ``STATS``, ``APPLY``); see the module docstring.
 
     Buffers (float32 unless said): ``part[2, chunks, coeffs]`` partial max (or ``max |z|``) and
     min per chunk and canonical coefficient ``tile * R + i``; ``param[3, coeffs]`` offset,
-    scale and reciprocal scale per canonical coefficient; ``sync`` (int64, zeroed):
-    ``[ticket, arrivals[tiles], ready[tiles]]``. ``EVEN_D``: ``D`` is a multiple of ``BLOCK_D``,
-    so no feature masks.
+    scale and reciprocal scale per canonical coefficient, written by the tile's last program
+    to finish its statistics; ``sync`` (int64, zeroed): ``[ticket, arrivals[tiles],
+    ready[tiles]]``. ``EVEN_D``: ``D`` is a multiple of ``BLOCK_D``, so no feature masks.
     """
     R: tl.constexpr = 1 << LEVELS
     tiles = rows * tiles_per_row
     coeffs = tiles * R
-    if MODE == _MODE_PARAMS:
-        tile = tl.program_id(0).to(tl.int64)
-        _tile_params(
-            part_ptr, param_ptr, tile, (tile % tiles_per_row).to(tl.int32), chunks, coeffs,
-            sinks, n, sink_tiles, high_tokens, qmax_high, qmax_low, LEVELS, SYMMETRIC,
-        )  # fmt: skip
-        return
     if MODE == _MODE_FUSED:  # noqa: SIM108  (take tiles in the order programs start: docstring)
         pid = tl.atomic_add(sync_ptr, 1, sem="relaxed")
     else:
@@ -416,6 +418,20 @@ def _stamp_haar_kernel(
             tl.store(part_ptr + chunk * coeffs + slot, hi)
             if not SYMMETRIC:
                 tl.store(part_ptr + (chunks + chunk) * coeffs + slot, lo)
+            # The program that completes the tile computes its parameters for everybody (no
+            # separate parameter pass; the other programs never wait). Every thread's stores
+            # are ordered before the release by the CTA barrier, and the acquire makes the
+            # other programs' partials visible to this one.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(sync_ptr + 1 + tile, 1, sem="acq_rel")
+            if arrived == chunks - 1:
+                _tile_params(
+                    part_ptr, param_ptr, tile, t, chunks, coeffs, sinks, n, sink_tiles,
+                    high_tokens, qmax_high, qmax_low, LEVELS, SYMMETRIC,
+                )  # fmt: skip
+                if MODE == _MODE_FUSED:
+                    tl.debug_barrier()
+                    tl.atomic_xchg(sync_ptr + 1 + tiles + tile, 1, sem="release")
     if MODE == _MODE_STATS:
         return
 
@@ -425,19 +441,8 @@ def _stamp_haar_kernel(
             hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC
         )
     else:
-        if MODE == _MODE_FUSED:
-            # Every thread's stores are ordered before the release by the CTA barrier; the
-            # program that completes the tile computes its parameters for everybody.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(sync_ptr + 1 + tile, 1, sem="acq_rel")
+        if MODE == _MODE_FUSED:  # wait for the tile's parameters
             ready = sync_ptr + 1 + tiles + tile
-            if arrived == chunks - 1:
-                _tile_params(
-                    part_ptr, param_ptr, tile, t, chunks, coeffs, sinks, n, sink_tiles,
-                    high_tokens, qmax_high, qmax_low, LEVELS, SYMMETRIC,
-                )  # fmt: skip
-                tl.debug_barrier()
-                tl.atomic_xchg(ready, 1, sem="release")
             seen = tl.atomic_add(ready, 0, sem="acquire")
             while seen == 0:
                 seen = tl.atomic_add(ready, 0, sem="acquire")
@@ -572,10 +577,11 @@ def _launch(
     else:
         part = torch.empty((2 * chunks * coefficients,), **f32)
         param = torch.empty((3 * coefficients,), **f32)
-    sync = (
-        torch.zeros((1 + 2 * tiles,), dtype=torch.int64, device=x.device)
-        if schedule == "fused"
-        else torch.empty((1,), dtype=torch.int64, device=x.device)
+    # [ticket, arrivals[tiles], ready[tiles]] ("split" uses the arrivals only).
+    sync = torch.zeros(
+        (1 + 2 * tiles if schedule == "fused" else 1 + tiles if schedule == "split" else 1,),
+        dtype=torch.int64,
+        device=x.device,
     )
     codes = (
         torch.zeros((2, rows, quantized, feats), dtype=torch.float32, device=x.device)
@@ -606,7 +612,7 @@ def _launch(
         launches = {
             "local": ((_MODE_LOCAL, programs),),
             "fused": ((_MODE_FUSED, programs),),
-            "split": ((_MODE_STATS, programs), (_MODE_PARAMS, tiles), (_MODE_APPLY, programs)),
+            "split": ((_MODE_STATS, programs), (_MODE_APPLY, programs)),
         }[schedule]
         for mode, grid in launches:
             # A plain int: Inductor writes launch constants into its generated code by repr.
