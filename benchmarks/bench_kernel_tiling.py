@@ -1,10 +1,12 @@
-"""Which tiling of the fused Haar kernel is fastest? (feature slab width x warps x schedule)
+"""Which tiling of the fused Haar kernels is fastest? (kernel x features per program x warps x
+schedule)
 
 For each [1, S, D] bf16 activation, times ``lowering/triton_haar.haar_fake_quant`` (default
 site policy: Haar, auto levels, 64 tokens at 8 bits, the rest at 4) for every combination of
+``--variants`` (the ``rows`` and ``slab`` kernels; rows only takes tiles of up to 32 tokens),
 ``--block-d`` (features per program), ``--warps`` and ``--schedules``, next to a
 device-to-device copy of the same tensor in the same run, and checks each output against the
-default tiling's (all tilings must agree bit for bit). CUDA only.
+default's (all must agree bit for bit). CUDA only.
 
     python -m benchmarks.bench_kernel_tiling --json tiling.json
 """
@@ -20,9 +22,10 @@ from benchmarks.harness import base_parser, emit
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="*", default=["2048x4096", "8192x8192"])
-    parser.add_argument("--block-d", type=int, nargs="*", default=[64, 128, 256])
-    parser.add_argument("--warps", type=int, nargs="*", default=[4, 8])
+    parser.add_argument("--block-d", type=int, nargs="*", default=[128, 256, 512, 1024])
+    parser.add_argument("--warps", type=int, nargs="*", default=[2, 4, 8])
     parser.add_argument("--schedules", nargs="*", default=["fused", "split"])
+    parser.add_argument("--variants", nargs="*", default=["rows", "slab"])
     args = parser.parse_args()
     if not args.device.startswith("cuda"):
         raise SystemExit("bench_kernel_tiling times the compiled kernel: it needs a CUDA device")
@@ -36,34 +39,35 @@ def main() -> None:
         nbytes = 2 * x.numel() * x.element_size()
         copy_ms, _ = graph_time_ms(lambda x=x, y=y: y.copy_(x), device=args.device, repeat=20)
         copy_gbs = nbytes / copy_ms / 1e6
-        rows.append([seq, dim, "copy", "", "", copy_ms, copy_gbs, 100.0, ""])
+        rows.append([seq, dim, "copy", "", "", "", copy_ms, copy_gbs, 100.0, ""])
         default = triton_haar.haar_fake_quant(x, -1)
-        for schedule in args.schedules:
-            for block_d in args.block_d:
-                for warps in args.warps:
+        combos = [
+            (variant, schedule, block_d, warps)
+            for variant in args.variants
+            for schedule in args.schedules
+            for block_d in [None, *args.block_d]
+            for warps in args.warps
+        ]
+        for variant, schedule, block_d, warps in combos:
 
-                    def run(x=x, block_d=block_d, warps=warps, schedule=schedule):
-                        return triton_haar.haar_fake_quant(
-                            x, -1, block_d=block_d, num_warps=warps, schedule=schedule
-                        )
+            def run(x=x, variant=variant, block_d=block_d, warps=warps, schedule=schedule):
+                return triton_haar.haar_fake_quant(
+                    x, -1, block_d=block_d, num_warps=warps, schedule=schedule, variant=variant
+                )
 
-                    try:
-                        same = torch.equal(run(), default)
-                        ms, _ = graph_time_ms(run, device=args.device, repeat=20)
-                    except Exception as err:  # a tiling the compiler rejects (resources)
-                        rows.append(
-                            [seq, dim, schedule, block_d, warps, "n/a", "", "", str(err)[:40]]
-                        )
-                        continue
-                    gbs = nbytes / ms / 1e6
-                    rows.append(
-                        [seq, dim, schedule, block_d, warps, ms, gbs, 100 * gbs / copy_gbs,
-                         "yes" if same else "NO"]
-                    )  # fmt: skip
+            key = [seq, dim, variant, schedule, block_d or "default", warps]
+            try:
+                same = torch.equal(run(), default)
+                ms, _ = graph_time_ms(run, device=args.device, repeat=20)
+            except Exception as err:  # a tiling the kernel or compiler rejects
+                rows.append([*key, "n/a", "", "", str(err)[:50]])
+                continue
+            gbs = nbytes / ms / 1e6
+            rows.append([*key, ms, gbs, 100 * gbs / copy_gbs, "yes" if same else "NO"])
         del x, y
     emit(
         "fused Haar kernel tilings, bf16 [1, S, D], default policy",
-        ["S", "D", "schedule", "block_d", "warps", "ms", "GB/s", "copy %", "same output"],
+        ["S", "D", "kernel", "schedule", "block_d", "warps", "ms", "GB/s", "copy %", "same output"],
         rows,
         device=args.device,
         json_path=args.json,

@@ -7,10 +7,13 @@ bits, the rest at 4; ``--sinks`` sink tokens), for S in {1024, 2048, 4096, 8192}
 
 * ``eager``: the reference (``SitePolicy.apply``, what the ``reference`` lowering calls);
 * ``inductor``: the ``inductor`` lowering's decomposition compiled by Inductor;
-* ``kernel``: the hand-written fused Triton kernel (``stamp::haar_fake_quant``), CUDA only
-  (or the Triton interpreter with TRITON_INTERPRET=1, which is not a speed measurement);
-* ``kernel-split`` (opt-in with ``--methods``): the same kernel forced to its three-launch
-  ``split`` schedule (statistics, parameters, apply: the activation is read twice).
+* ``kernel``: the hand-written fused Triton kernel (``stamp::haar_fake_quant``; the ``rows``
+  kernel for tiles of up to 32 tokens, else the ``slab`` one), CUDA only (or the Triton
+  interpreter with TRITON_INTERPRET=1, which is not a speed measurement);
+* ``kernel-slab``: the ``slab`` kernel everywhere (the previous design, for comparison);
+* ``kernel-split`` / ``kernel-fused`` (opt-in with ``--methods``): the default kernel forced
+  to its two-launch ``split`` schedule (statistics, apply: the activation is read twice) or
+  its one-launch ``fused`` one.
 
 Each row: median time, effective bandwidth ``2 * S * D * itemsize / time`` (one read plus one
 write, the minimum traffic) and that bandwidth as a percentage of the device-to-device copy
@@ -67,9 +70,9 @@ def compiled_node(policy: SitePolicy, lowering: str, device: str):
     return torch.compile(node, backend=low.compile_fx)
 
 
-def kernel_fn(policy: SitePolicy, device: str, schedule: str = "auto"):
-    """The hand-written kernel (``schedule``: see lowering/triton_haar.py), or None where it
-    cannot run (CPU without the interpreter)."""
+def kernel_fn(policy: SitePolicy, device: str, schedule: str = "auto", variant: str = "auto"):
+    """The hand-written kernel (``schedule``, ``variant``: see lowering/triton_haar.py), or
+    None where it cannot run (CPU without the interpreter)."""
     try:
         from stamp_fx.lowering import triton_haar
     except ImportError:
@@ -77,12 +80,12 @@ def kernel_fn(policy: SitePolicy, device: str, schedule: str = "auto"):
     if device == "cpu" and not triton_haar.interpreted():
         return None
 
-    if schedule != "auto":
+    if schedule != "auto" or variant != "auto":
 
         def scheduled(x):
             return triton_haar.haar_fake_quant(
                 x, -1, policy.sink_tokens, policy.high_tokens, policy.high_bits,
-                policy.low_bits, policy.symmetric, schedule=schedule,
+                policy.low_bits, policy.symmetric, schedule=schedule, variant=variant,
             )  # fmt: skip
 
         return scheduled
@@ -103,8 +106,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", default=None)
     parser.add_argument("--dims", type=int, nargs="*", default=None)
     parser.add_argument(
-        "--methods", nargs="*", default=["eager", "inductor", "kernel"],
-        choices=["eager", "inductor", "kernel", "kernel-split"],
+        "--methods", nargs="*", default=["eager", "inductor", "kernel-slab", "kernel"],
+        choices=["eager", "inductor", "kernel", "kernel-slab", "kernel-split", "kernel-fused"],
     )  # fmt: skip
     args = parser.parse_args()
     dtype = DTYPES[args.dtype]
@@ -128,7 +131,9 @@ def main() -> None:
                 "eager": lambda x: policy.apply(x, 1),
                 "inductor": compiled_node(policy, "inductor", args.device),
                 "kernel": kernel_fn(policy, args.device),
+                "kernel-slab": kernel_fn(policy, args.device, variant="slab"),
                 "kernel-split": kernel_fn(policy, args.device, "split"),
+                "kernel-fused": kernel_fn(policy, args.device, "fused"),
             }
             for method in args.methods:
                 fn = fns[method]

@@ -6,7 +6,10 @@
   own source (and the lowering's name) so an upgrade never reuses code compiled against an
   older op, nor one lowering another's;
 * :mod:`.decompositions`: ``stamp::fake_quant`` as ATen ops for Inductor to fuse;
-* :mod:`.triton_haar`: the hand-written fused Haar kernel (imported lazily: it imports Triton);
+* :mod:`.triton_haar`: the hand-written fused Haar kernels' host side, routing and the ``slab``
+  kernel; :mod:`.haar_rows` the ``rows`` kernel; :mod:`.triton_common` their shared device
+  functions; :mod:`.kernel_analysis` a cache of torch's per-launch analysis of them (all
+  imported lazily: they import Triton);
 * :mod:`.symbolic`: the few shape questions that need a concrete answer, and their guards.
 """
 

@@ -23,48 +23,54 @@ Sink tokens form their own tiles with no transform.
 
 The catch is the per-token range: one coefficient row spans all ``D`` features, and an
 ``R x D`` float32 tile (``32 x 4096`` at J=5) is far too large for one program. So a tile is
-split over ``chunks = ceil(D / BLOCK_D)`` programs, each holding an ``R x BLOCK_D`` slab (tokens
-on dim 0, features contiguous on dim 1, so the loads and stores are vectorised). Per-row work
-is kept out of the per-element path: the partial ranges go to a buffer indexed by *canonical*
-coefficient ``tile * R + i`` (no position arithmetic), one step folds them and computes each
-row's offset, scale and reciprocal once (in a fresh 1-D layout: one lane per row, not every
-thread per row), and the slabs read those three floats back. Schedules (``schedule=``):
+split over ``chunks = ceil(D / block_d)`` programs; their partial ranges go to a buffer indexed
+by *canonical* coefficient ``tile * R + i`` (no position arithmetic), are folded once per tile
+into each row's offset, scale and reciprocal (in a fresh 1-D layout: one lane per row, not
+every thread per row), and the programs read those back. Two kernels do this (``variant=``):
 
-* ``"local"`` (``chunks == 1``): one program sees whole rows and computes its rows' parameters
-  itself. Reads and writes the activation once.
-* ``"split"`` (the default for ``chunks > 1``): three launches of the same kernel: statistics
-  (partial range per chunk, plain stores), parameters (one program per tile), apply (reload the
-  slab, recompute the forward transform, quantize, invert, store). Reads the activation twice.
-* ``"fused"`` (GPU only, ``chunks <=`` SM count, opt-in): one launch. Programs take their tile
-  from a ticket counter (``atomic_add``, so a program only ever waits for programs that started
-  before it), store their partial ranges, and count in at a per-tile arrival counter; the
-  program that completes the tile computes its parameters and raises a per-tile ready flag that
-  the others spin on. Reads the activation once, but measured slower than ``"split"`` (below).
+* ``rows`` (:mod:`.haar_rows`, tiles of up to 32 tokens, the default there): a thread holds
+  all ``R`` tokens of 2 features, so every butterfly stays in registers; a program walks a
+  1024-feature chunk (2048 past 8192 features) in sub-blocks, accumulating the ranges in
+  registers. See that module.
+* ``slab`` (this module, any depth up to ``MAX_LEVELS``): an ``R x BLOCK_D`` slab per program
+  (tokens on dim 0, features contiguous on dim 1, vectorised loads), tokens loaded in
+  bit-reversed order so each level is a halving of the rows; the coarse levels move rows
+  between warps through shared memory.
+
+Schedules (``schedule=``), the same for both kernels:
+
+* ``"local"`` (``chunks == 1``): one launch, each program sees whole rows.
+* ``"split"``: two launches: statistics (partial ranges; the tile's *last* program to count in
+  at a per-tile arrival counter folds them into the parameters: nobody waits), then apply
+  (reload the slab, recompute the forward transform, quantize, invert, store). Reads the
+  activation twice. The default for the slab kernel and in the interpreter.
+* ``"fused"`` (GPU only, ``chunks <=`` SM count): one launch. Programs take their tile from a
+  ticket counter (``atomic_add``, so a program only ever waits for programs that started before
+  it, which cannot deadlock while a tile's chunks fit on the GPU at once), store their partial
+  ranges and count in; the slab kernel's last arriver computes the parameters and raises a
+  ready flag the others spin on, the rows kernel's programs all wait for the count and fold
+  the partials themselves. Reads the activation once (the second pass over a program's chunk
+  hits L1/L2). The default for the rows kernel on a GPU.
 
 Bit-exactness: the integer codes, the q/dq values and (in practice) the output equal the
 reference bit for bit, in the interpreter and on the GPU: every multiply is PTX ``mul.rn``
 (never contracted into an FMA with a neighbouring add), divisions round like IEEE ``div``, and
-the per-element division by the scale is a multiply by its reciprocal with an exact fallback for
-slabs holding a near-tie (see :func:`_fake_quant_slab`).
+the per-element division by the scale is a multiply by its reciprocal followed by two FMA
+corrections, which give the correctly rounded quotient (:func:`~.triton_common._divide`).
 
 Performance (H200, bf16, CUDA-graph replay; ``benchmarks/bench_kernels.py`` and
-``benchmarks/bench_kernel_tiling.py``, numbers in ``benchmarks/RESULTS.md``): 19-37 % of the
-device-to-device copy bandwidth (the previous design, with per-row parameters recomputed by
-every thread: 12-20 %), 1.4-2x faster than Inductor's code for the decomposition, far from the
-80 % target. Nsight Compute at 2048 x 4096 (J=5): statistics 12.1 us at 29 % of DRAM bandwidth,
-parameters 4.9 us (64 programs: launch and latency), apply 24.4 us at 15 % of DRAM bandwidth
-and 53 % of SM throughput, with 84 and 126 registers per thread capping occupancy at 31 % and
-25 %. So the passes are latency- and issue-bound, not memory-bound: the Haar butterflies are
-long dependent chains, the slab needs many registers, and ``split`` also re-reads the
-activation (the apply pass hits L2 for about half of it). Levers not yet pulled: pin the slab
-layout so all token butterflies stay in a thread with fewer registers (Gluon), one launch
-without spin-waits (a cluster/DSMEM reduction over a tile's chunks on Hopper), and fusing the
-statistics into the producer's epilogue.
+``benchmarks/bench_kernel_tiling.py``, numbers in ``benchmarks/RESULTS.md``): the rows kernel
+(S <= 2048 with the default 64 high-precision tokens) reaches 41-52 % of the device-to-device
+copy bandwidth (50.8 % at 2048 x 4096), the slab kernel 25-40 %, 2-3x Inductor's code for the
+decomposition; the 80 % target is not reached. Neither kernel is memory-bound: the rows
+kernel's 4-byte-per-lane accesses keep few bytes in flight per request, the slab kernel's
+coarse levels go through shared memory with barriers, and both re-read the chunk. Levers
+not yet pulled: TMA (bulk) loads into shared memory for the rows kernel, a Hopper cluster /
+distributed-shared-memory reduction over a tile's chunks, and fusing the statistics into the
+producer's epilogue.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -77,13 +83,27 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from stamp_fx.plan import SitePolicy
 
+from . import haar_rows
 from .cache import source_hash
 from .decompositions import policy_of
+from .haar_rows import MAX_ROWS_LEVELS
+from .kernel_analysis import memoize_access_analysis
 from .symbolic import IntLike, ceil_to, haar_levels
+from .triton_common import (
+    CHUNK_BLOCK,
+    _by_inv_sqrt2,
+    _divide,
+    _maximum,
+    _minimum,
+    _mul,
+    _quantizer_params,
+    _rint,
+)
 
 __all__ = [
     "MAX_LEVELS",
     "SCHEDULES",
+    "VARIANTS",
     "DEFAULT_BLOCK_D",
     "haar_fake_quant",
     "haar_fake_quant_probe",
@@ -96,40 +116,25 @@ __all__ = [
 MAX_LEVELS = 8
 """Deepest Haar the kernel handles (a 256-token tile); deeper sites use the decomposition."""
 DEFAULT_BLOCK_D = 128
-"""Features per program. Chosen by ``benchmarks/bench_kernel_tiling.py`` on an H200 (2048 x 4096
-and 8192 x 8192 bf16, block_d 64/128/256 x 4/8 warps x fused/split): 128 features with 4 warps
-and the ``split`` schedule was fastest at both sizes."""
+"""Features per program of the slab kernel. Chosen by ``benchmarks/bench_kernel_tiling.py`` on
+an H200 (2048 x 4096 and 8192 x 8192 bf16, block_d 64/128/256 x 4/8 warps x fused/split): 128
+features with 4 warps and the ``split`` schedule was fastest at both sizes."""
 WARPS = 4
 """Warps per program (at most)."""
+ROWS_BLOCK_D = 1024
+"""Features per program of the rows kernel (:mod:`.haar_rows`) by default, 2048 past 8192
+features. Chosen by ``benchmarks/bench_kernel_tiling.py`` on an H200 (block_d 512/1024/2048 x
+fused/split): at 2048 x 4096, 1024 features ``fused`` was fastest (0.027 ms; 2048: 0.030); at
+2048 x 14336, 2048 features ``fused`` (0.074 ms; 1024: 0.084)."""
 SCHEDULES = ("auto", "local", "fused", "split")
+VARIANTS = ("auto", "rows", "slab")
+"""Which kernel: ``rows`` (:mod:`.haar_rows`, tiles of up to 32 tokens), ``slab`` (this module's,
+any depth), ``auto`` (rows where it applies)."""
 
 _MODE_LOCAL, _MODE_FUSED, _MODE_STATS, _MODE_APPLY = (tl.constexpr(m) for m in range(4))
-INV_SQRT2 = tl.constexpr(1.0 / math.sqrt(2.0))  # the double the reference multiplies by
-TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
-ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
-CHUNK_BLOCK = tl.constexpr(32)  # partial ranges folded per step (see _tile_params)
 
 
 # -- device functions ----------------------------------------------------------------------------
-
-
-@triton.jit
-def _mul(a, b, EXACT: tl.constexpr):
-    """``a * b`` rounded on its own. With ``EXACT`` (compiled GPU code) it is PTX ``mul.rn``,
-    which the compiler never contracts with a neighbouring add into an FMA, so the butterflies
-    and the dequantization round exactly like the reference's separate torch ops; the
-    interpreter (NumPy) never fuses, so it multiplies plainly."""
-    if EXACT:
-        return tl.inline_asm_elementwise(
-            "mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        return a * b
-
-
-@triton.jit
-def _by_inv_sqrt2(a, EXACT: tl.constexpr):
-    return _mul(a, tl.full(a.shape, INV_SQRT2, tl.float32), EXACT)
 
 
 @triton.jit
@@ -196,65 +201,6 @@ def _coefficient_positions(group, sinks, n, LEVELS: tl.constexpr):
         offset = _bit_reverse(i - width, LEVELS - j)
         pos = tl.where(in_band, sinks + (n >> j) + group * width + offset, pos)
     return pos
-
-
-@triton.jit
-def _rint(v):
-    """Round half to even (``torch.round``) for ``|v| < 2**22``: adding 1.5 * 2**23 leaves no
-    fraction bits, so the adder's own round-to-nearest-even does it. Larger ``|v|`` do not
-    occur: every quotient lies within the code range (see :func:`_fake_quant_slab`)."""
-    return (v + ROUND_MAGIC) - ROUND_MAGIC
-
-
-# Reductions take this module's own combine functions rather than tl.max / tl.min: those are
-# @triton.jit helpers of triton.language.standard, decorated when triton is first imported, so
-# they would not run in the interpreter if triton had been imported before TRITON_INTERPRET=1
-# was set (as in a pytest session that imports Inductor first). Every device function this
-# kernel calls is defined here and decorated together with it.
-@triton.jit
-def _maximum(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
-def _minimum(a, b):
-    return tl.minimum(a, b)
-
-
-@triton.jit
-def _quantizer_params(hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC: tl.constexpr):
-    """Offset, scale and reciprocal scale of coefficient rows with range ``[lo, hi]`` (``hi`` =
-    ``max |z|`` when symmetric) at quantized positions ``pos``, rounded as the reference rounds
-    them (IEEE divisions)."""
-    # Largest codes arrive as ints (exact at any width) and become float32 here: Inductor
-    # passes Python floats to user kernels as float64.
-    qmax = tl.where(pos < high_tokens, qmax_high, qmax_low).to(tl.float32)
-    if SYMMETRIC:
-        scale = tl.maximum(tl.math.div_rn(hi, qmax), TINY)
-        offset = hi * 0.0
-    else:
-        scale = tl.maximum(tl.math.div_rn(hi - lo, qmax), TINY)
-        offset = lo
-    inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    return offset, scale, inv
-
-
-@triton.jit
-def _divide(d, scale, inv, EXACT: tl.constexpr):
-    """``d / scale`` rounded like IEEE division, from the reciprocal ``inv = RN(1 / scale)``.
-
-    ``q = RN(d * inv)`` is within 1.5 ulps of the quotient; one correction ``q + r * inv``
-    with the exact residual ``r = d - scale * q`` (an FMA) brings it within one ulp, and a
-    second is then the correctly rounded quotient (Markstein's theorem: ``inv`` correctly
-    rounded, ``q`` within one ulp). One correction alone is measurably not enough (a few
-    quotients in 10**7 adversarial ones stay one ulp off). Five instructions, no branch. The
-    interpreter divides directly (NumPy's float32 division is IEEE)."""
-    if EXACT:
-        q = _mul(d, inv, EXACT)
-        q = tl.fma(tl.fma(-scale, q, d), inv, q)
-        return tl.fma(tl.fma(-scale, q, d), inv, q)
-    else:
-        return tl.math.div_rn(d, scale)
 
 
 @triton.jit
@@ -497,6 +443,43 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _rows_tiling(
+    levels: int, features: int, block_d: int | None, num_warps: int | None
+) -> tuple[int, int, int, int]:
+    """``(V, warps, SUB, CB)`` of the rows kernel: features per thread per sub-block, warps,
+    features per sub-block (``V * 32 * warps``) and per program (``CB``, a multiple of SUB).
+
+    ``V`` is 2 (4 for tiles of up to 4 tokens; registers hold ``R * V`` values); the warps are
+    the most (up to ``num_warps``, default ``WARPS``) whose sub-block divides ``D``, so that
+    full tiles need no feature mask (else as many as ``D`` fills). ``block_d`` (default
+    ``ROWS_BLOCK_D``, twice that past 8192 features) narrows the sub-block when it must, to
+    stay a multiple of it."""
+    rows = 1 << levels
+    most = num_warps or WARPS
+    if most < 1:
+        raise ValueError(f"num_warps must be >= 1, got {num_warps}")
+    v = 4 if rows <= 4 else 2
+    warps = next(
+        (w for w in (8, 4, 2, 1) if w <= most and features % (v * 32 * w) == 0),
+        max(1, min(most, features // (v * 32))),
+    )
+    sub = v * 32 * warps
+    if block_d is None:
+        wanted = ROWS_BLOCK_D if features <= 8192 else 2 * ROWS_BLOCK_D
+        return v, warps, sub, max(sub, wanted // sub * sub)
+    while block_d % (v * 32 * warps):
+        if warps > 1:
+            warps //= 2
+        elif v > 1:
+            v //= 2
+        else:
+            raise ValueError(
+                f"block_d: the rows kernel (tiles of {rows} tokens) takes multiples of 32 "
+                f"features (32 lanes), got {block_d}"
+            )
+    return v, warps, v * 32 * warps, block_d
+
+
 def _check(levels: int, high_bits: int, low_bits: int, dtype: torch.dtype) -> None:
     if not 0 <= levels <= MAX_LEVELS:
         raise ValueError(f"levels: the Triton Haar kernel takes 0..{MAX_LEVELS}, got {levels}")
@@ -516,16 +499,19 @@ def _launch(
     low_bits: int,
     symmetric: bool,
     *,
-    block_d: int,
+    block_d: int | None,
     schedule: str,
     probe: bool,
     exact_mul: bool = True,
     num_warps: int | None = None,
+    variant: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
     """Run the kernel on ``x`` of shape [..., S, D]; ``levels`` must be concrete (``>= 0``)."""
     _check(levels, high_bits, low_bits, x.dtype)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: unknown {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: unknown {variant!r}; valid: {', '.join(VARIANTS)}")
     shape = x.shape
     seq, feats = shape[-2], shape[-1]
     x3 = x.reshape(-1, seq, feats)
@@ -549,13 +535,28 @@ def _launch(
         coeffs = ceil_to(seq - sink_tokens, tile)
     sink_tiles = (sinks + tile - 1) // tile
     tiles_per_row = sink_tiles + coeffs // tile
-    chunks = (feats + block_d - 1) // block_d
     tiles = rows * tiles_per_row
+    rows_kernel = levels <= MAX_ROWS_LEVELS and isinstance(feats, int) and variant != "slab"
+    if variant == "rows" and not rows_kernel:
+        raise ValueError(
+            f"variant: 'rows' takes up to {MAX_ROWS_LEVELS} levels and a concrete feature "
+            f"count, got {levels} levels and {feats} features; use 'auto' or 'slab'"
+        )
+    if rows_kernel:
+        if x3.stride(1) != feats:  # the rows kernel's row stride is D
+            x3 = x3.contiguous()
+        v, warps, sub, block_d = _rows_tiling(levels, feats, block_d, num_warps)
+    else:
+        block_d = block_d or block_d_for(feats)
+        warps = num_warps or _num_warps(block_d)
+    chunks = (feats + block_d - 1) // block_d
     programs = tiles * chunks
 
     if schedule == "auto":
-        # "split" measured faster than "fused" on an H200 (see DEFAULT_BLOCK_D).
-        schedule = "local" if chunks == 1 else "split"
+        # Measured on an H200: the rows kernel is fastest "fused" (ROWS_BLOCK_D), the slab
+        # kernel "split" (DEFAULT_BLOCK_D). The interpreter cannot run "fused".
+        fused_ok = x.device.type == "cuda" and not interpreted() and chunks <= _sm_count(x.device)
+        schedule = "local" if chunks == 1 else "fused" if rows_kernel and fused_ok else "split"
     if schedule == "fused" and x.device.type == "cuda" and chunks > _sm_count(x.device):
         raise ValueError(
             f"schedule 'fused' needs the {chunks} programs of a tile on the GPU at once, more "
@@ -572,12 +573,14 @@ def _launch(
     quantized = sinks + coeffs
     coefficients = tiles * tile  # canonical coefficient rows (sink tiles padded to R)
     f32 = dict(dtype=torch.float32, device=x.device)
-    if schedule == "local":  # no buffers: each program sees whole rows
-        part = param = torch.empty((1,), **f32)
-    else:
-        part = torch.empty((2 * chunks * coefficients,), **f32)
-        param = torch.empty((3 * coefficients,), **f32)
-    # [ticket, arrivals[tiles], ready[tiles]] ("split" uses the arrivals only).
+    part = torch.empty((2 * chunks * coefficients if schedule != "local" else 1,), **f32)
+    # The rows kernel keeps float4 records (offset, scale, 1/scale, padding) and needs them for
+    # "local" too; the slab kernel keeps three planes and computes "local" in registers.
+    param = torch.empty(
+        (4 * coefficients if rows_kernel else 3 * coefficients if schedule != "local" else 1,),
+        **f32,
+    )
+    # [ticket, arrivals[tiles], ready[tiles]] (ready: the slab kernel's "fused" only).
     sync = torch.zeros(
         (1 + 2 * tiles if schedule == "fused" else 1 + tiles if schedule == "split" else 1,),
         dtype=torch.int64,
@@ -589,25 +592,35 @@ def _launch(
         else None
     )
     qmax = (lambda b: 2 ** (b - 1) - 1) if symmetric else (lambda b: 2**b - 1)
-    args = (
-        x3, out, part, param, sync, codes if probe else out,
-        rows, seq, feats, sinks, coeffs, tiles_per_row, sink_tiles, chunks,
-        x3.stride(0), x3.stride(1), out.stride(0), out.stride(1),
-        high_tokens, qmax(high_bits), qmax(low_bits),
-    )  # fmt: skip
-    meta = {
-        "LEVELS": levels,
-        "BLOCK_D": block_d,
+    common = {
         "SYMMETRIC": bool(symmetric),
         "PROBE": bool(probe),
         "EXACT": exact_mul and not interpreted(),
-        "EVEN_D": feats % block_d == 0,
-        "num_warps": num_warps or _num_warps(block_d),
+        "num_warps": warps,
     }
+    if rows_kernel:
+        jit_fn = haar_rows.rows_kernel
+        args = (
+            x3, out, part, param, sync, codes if probe else out,
+            rows, seq, sinks, coeffs, tiles_per_row, sink_tiles, chunks,
+            x3.stride(0), out.stride(0), high_tokens, qmax(high_bits), qmax(low_bits),
+        )  # fmt: skip
+        meta = {"D": feats, "LEVELS": levels, "V": v, "SUB": sub, "SUBS": block_d // sub}
+    else:
+        jit_fn = _stamp_haar_kernel
+        args = (
+            x3, out, part, param, sync, codes if probe else out,
+            rows, seq, feats, sinks, coeffs, tiles_per_row, sink_tiles, chunks,
+            x3.stride(0), x3.stride(1), out.stride(0), out.stride(1),
+            high_tokens, qmax(high_bits), qmax(low_bits),
+        )  # fmt: skip
+        meta = {"LEVELS": levels, "BLOCK_D": block_d, "EVEN_D": feats % block_d == 0}
     # Under tracing (Inductor, make_fx) the launch must go through wrap_triton to be recorded;
     # eagerly that path costs a higher-order-op dispatch per launch, so launch directly.
     tracing = isinstance(x, FakeTensor) or bool(_get_current_dispatch_mode_stack())
-    kernel = wrap_triton(_stamp_haar_kernel) if tracing else _stamp_haar_kernel
+    if tracing:
+        memoize_access_analysis(jit_fn)
+    kernel = wrap_triton(jit_fn) if tracing else jit_fn
     if programs:
         launches = {
             "local": ((_MODE_LOCAL, programs),),
@@ -616,7 +629,7 @@ def _launch(
         }[schedule]
         for mode, grid in launches:
             # A plain int: Inductor writes launch constants into its generated code by repr.
-            kernel[(grid,)](*args, MODE=mode.value, **meta)
+            kernel[(grid,)](*args, MODE=mode.value, **common, **meta)
     return out.to(x.dtype).reshape(shape), codes
 
 
@@ -632,22 +645,23 @@ def haar_fake_quant(
     block_d: int | None = None,
     schedule: str = "auto",
     num_warps: int | None = None,
+    variant: str = "auto",
 ) -> Tensor:
     """STaMP Haar fake quantization of ``x`` ([..., S, D]) with the fused kernel.
 
     ``levels=-1`` picks :func:`~stamp_fx.transforms.auto_haar_levels` for the ``S - sinks``
     transformed tokens with target ``max(1, high_tokens)`` (as :class:`SitePolicy` does).
-    ``block_d``, ``schedule`` and ``num_warps`` override the tiling (tests use them to force the
-    multi-chunk paths; ``benchmarks/bench_kernel_tiling.py`` sweeps them). Runs on CUDA
+    ``block_d``, ``schedule``, ``num_warps`` and ``variant`` override the tiling and the kernel
+    (tests use them to force the multi-chunk paths and each kernel;
+    ``benchmarks/bench_kernel_tiling.py`` sweeps them). Runs on CUDA
     tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
     """
     seq = x.shape[-2]
     transformed = max(0, seq - sink_tokens) if isinstance(seq, int) else seq - sink_tokens
     levels = haar_levels(transformed, levels, max(1, high_tokens))
-    block_d = block_d or block_d_for(x.shape[-1])
     out, _ = _launch(
         x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric,
-        block_d=block_d, schedule=schedule, probe=False, num_warps=num_warps,
+        block_d=block_d, schedule=schedule, probe=False, num_warps=num_warps, variant=variant,
     )  # fmt: skip
     return out
 
@@ -663,16 +677,16 @@ def haar_fake_quant_probe(
     *,
     block_d: int | None = None,
     schedule: str = "auto",
+    variant: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`haar_fake_quant` that also returns, for tests, the integer codes and the
     dequantized values of the quantized sequence ``[sinks, a_J, ..., d_1]`` as two float32
     tensors of shape ``[rows, s + n, D]`` (``rows`` = the leading dims flattened)."""
     if levels < 0:
         raise ValueError("haar_fake_quant_probe needs concrete levels")
-    block_d = block_d or block_d_for(x.shape[-1])
     out, planes = _launch(
         x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric,
-        block_d=block_d, schedule=schedule, probe=True,
+        block_d=block_d, schedule=schedule, probe=True, variant=variant,
     )  # fmt: skip
     return out, planes[0], planes[1]
 

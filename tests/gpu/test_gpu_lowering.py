@@ -90,16 +90,43 @@ def test_triton_kernel_is_exact_on_cuda(dtype, case):
     ref_codes = quantize(z, params).flatten(-2)
     ref_z_hat = dequantize(quantize(z, params), params, z.dtype)
     ref = policy.apply(x, -2)
-    block = triton_haar.block_d_for(shape[-1])
-    schedules = ["auto"] + (["split", "fused"] if shape[-1] > block else [])
-    for schedule in schedules:
-        out, codes, z_hat = triton_haar.haar_fake_quant_probe(
-            x, levels, policy.sink_tokens, policy.high_tokens, policy.high_bits,
-            policy.low_bits, policy.symmetric, schedule=schedule,
-        )  # fmt: skip
-        assert torch.equal(codes, ref_codes.reshape(codes.shape)), schedule
-        assert torch.equal(z_hat, ref_z_hat.reshape(z_hat.shape)), schedule
-        assert_fused_close(out, ref)
+    # Default tiling, then a narrow chunk (several programs per tile) with each schedule.
+    narrow = max(32, shape[-1] // 4 // 32 * 32)
+    runs = [("auto", None), ("split", narrow), ("fused", narrow)]
+    for variant in ("rows", "slab"):
+        for schedule, block_d in runs:
+            out, codes, z_hat = triton_haar.haar_fake_quant_probe(
+                x, levels, policy.sink_tokens, policy.high_tokens, policy.high_bits,
+                policy.low_bits, policy.symmetric, block_d=block_d, schedule=schedule,
+                variant=variant,
+            )  # fmt: skip
+            what = (variant, schedule, block_d)
+            assert torch.equal(codes, ref_codes.reshape(codes.shape)), what
+            assert torch.equal(z_hat, ref_z_hat.reshape(z_hat.shape)), what
+            assert_fused_close(out, ref)
+
+
+@pytest.mark.parametrize("variant", ["rows", "slab"])
+def test_division_is_exact_at_near_ties(variant):
+    """Millions of quotients within an ulp or two of a half-integer (no transform, so the
+    quotient is the input's): the reciprocal multiply plus corrections must round like the
+    reference's IEEE division every time."""
+    from stamp_fx.lowering import triton_haar
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    rows, feats = 4096, 1024
+    scale = torch.rand(rows, 1, generator=gen, device="cuda") * 4 + 0.01
+    k = torch.randint(0, 255, (rows, feats), generator=gen, device="cuda").float()
+    x = (k + 0.5) * scale
+    nudge = torch.randint(-2, 3, x.shape, generator=gen, device="cuda")
+    x = torch.nextafter(x, torch.where(nudge > 0, torch.inf, -torch.inf).to(x)).where(nudge != 0, x)
+    x[:, 0], x[:, 1] = 0.0, 255 * scale[:, 0]  # pin each row's range to [0, 255 * scale]
+    x = x[None]
+    policy = SitePolicy(levels=0, high_tokens=rows, high_bits=8)
+    z, params = qparams(x, policy, -2)
+    ref_codes = quantize(z, params).flatten(-2)
+    _, codes, _ = triton_haar.haar_fake_quant_probe(x, 0, 0, rows, 8, 4, False, variant=variant)
+    assert torch.equal(codes, ref_codes.reshape(codes.shape))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -132,10 +159,21 @@ def test_triton_lowering_launches_the_kernel_and_agrees_with_inductor(dtype):
     def fn(t):
         return fake_quant(t, policy, 1)
 
+    def two_sites(t):
+        return fake_quant(t, policy, 1), fake_quant(t * 2, policy, 1)
+
+    from stamp_fx.lowering.kernel_analysis import analysis_cache_info
+
     torch._dynamo.reset()
-    out, (code,) = run_and_get_code(torch.compile(fn, backend=get_lowering("triton").compile_fx), x)
-    assert "_stamp_haar_kernel" in code
+    before = analysis_cache_info()
+    triton_fx = get_lowering("triton").compile_fx
+    (out, twice), (code,) = run_and_get_code(torch.compile(two_sites, backend=triton_fx), x)
+    assert "rows_kernel" in code  # 2048 tokens: 32-token tiles, the rows kernel
     assert "stamp.fake_quant.default(" not in code
+    assert_fused_close(twice, policy.apply(x * 2, 1))
+    # The second site's launches are the first's again: torch's analysis of them is cached.
+    after = analysis_cache_info()
+    assert after["hits"] - before["hits"] >= after["misses"] - before["misses"] > 0
     assert_fused_close(out, policy.apply(x, 1))
     torch._dynamo.reset()
     via_inductor = torch.compile(fn, backend=get_lowering("inductor").compile_fx)(x)
@@ -158,7 +196,7 @@ def test_triton_lowering_does_not_recompile_for_new_lengths():
     run = torch.compile(fn, backend=backend, dynamic=True)
     x = randn((2, 1000, 1024), 0, torch.bfloat16)
     out, (code,) = run_and_get_code(run, x)  # (resets Dynamo first, so only for the first call)
-    assert "_stamp_haar_kernel" in code
+    assert "rows_kernel" in code
     assert_fused_close(out, policy.apply(x, 1))
     for seq in (1500, 2047):
         x = randn((2, seq, 1024), seq, torch.bfloat16)

@@ -74,24 +74,28 @@ def run_probe(x, policy, **kwargs):
 @given(
     batch=st.sampled_from([(1,), (2,), (2, 2)]),
     seq=short_lengths,
-    features=st.sampled_from([1, 3, 8, 24, 40]),
+    features=st.sampled_from([1, 3, 8, 24, 40, 72]),
     levels=st.none() | st.integers(0, 4),
     sinks=st.integers(0, 2),
     high_tokens=st.integers(1, 12),
     symmetric=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     split_features=st.booleans(),
+    variant=st.sampled_from(["rows", "slab"]),
     seed=seeds,
 )
 def test_kernel_codes_are_exact_and_output_matches_reference(
-    batch, seq, features, levels, sinks, high_tokens, symmetric, dtype, split_features, seed
-):
+    batch, seq, features, levels, sinks, high_tokens, symmetric, dtype, split_features, variant,
+    seed,
+):  # fmt: skip
     policy = SitePolicy(
         levels=levels, sink_tokens=sinks, high_tokens=max(high_tokens, sinks), symmetric=symmetric
     )
     x = randn((*batch, seq, features), seed, dtype).to(DEVICE)
-    # block_d=16 splits 24 or 40 features over 2-3 programs per tile: the multi-chunk schedule.
-    out, codes, z_hat = run_probe(x, policy, block_d=16 if split_features else None)
+    # A narrow block_d splits the features over 2-3 programs per tile: the multi-chunk schedule
+    # (the rows kernel takes multiples of 32 features, the slab kernel of 16).
+    block_d = (32 if variant == "rows" else 16) if split_features else None
+    out, codes, z_hat = run_probe(x, policy, block_d=block_d, variant=variant)
     ref_codes, ref_z_hat = reference_codes(x, policy)
     rows = ref_codes.reshape(-1, *ref_codes.shape[-2:])
     assert torch.equal(codes, rows)
@@ -100,25 +104,28 @@ def test_kernel_codes_are_exact_and_output_matches_reference(
     assert_fused_close(out, policy.apply(x, -2))
 
 
+@pytest.mark.parametrize("variant", ["rows", "slab"])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_schedules_agree_bit_for_bit(symmetric):
-    x = randn((2, 77, 48), 7, torch.bfloat16).to(DEVICE)
+def test_schedules_agree_bit_for_bit(symmetric, variant):
+    x = randn((2, 77, 80), 7, torch.bfloat16).to(DEVICE)
     args = (3, 1, 9, 8, 4, symmetric)
-    local = triton_haar.haar_fake_quant(*(x, *args), block_d=64, schedule="local")
-    split = triton_haar.haar_fake_quant(*(x, *args), block_d=16, schedule="split")
+    kw = {"variant": variant}
+    local = triton_haar.haar_fake_quant(*(x, *args), block_d=128, schedule="local", **kw)
+    split = triton_haar.haar_fake_quant(*(x, *args), block_d=32, schedule="split", **kw)
     assert torch.equal(local, split)
     policy = SitePolicy(levels=3, sink_tokens=1, high_tokens=9, symmetric=symmetric)
     assert torch.equal(local, policy.apply(x, 1))
 
 
+@pytest.mark.parametrize("variant", ["rows", "slab"])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_ranges_of_more_chunks_than_one_fold_step(symmetric):
-    """70 feature slabs per tile: the parameter pass folds the partial ranges in steps of
+def test_ranges_of_more_chunks_than_one_fold_step(symmetric, variant):
+    """70 feature slabs per tile: the parameter fold reads the partial ranges in steps of
     CHUNK_BLOCK, the last one partial; codes must still equal the reference's."""
     chunks = 2 * int(triton_haar.CHUNK_BLOCK) + 6
-    x = randn((1, 9, 16 * chunks - 5), 11, torch.float32).to(DEVICE)
+    x = randn((1, 9, 32 * chunks - 5), 11, torch.float32).to(DEVICE)
     policy = SitePolicy(levels=2, sink_tokens=1, high_tokens=3, symmetric=symmetric)
-    out, codes, z_hat = run_probe(x, policy, block_d=16, schedule="split")
+    out, codes, z_hat = run_probe(x, policy, block_d=32, schedule="split", variant=variant)
     ref_codes, ref_z_hat = reference_codes(x, policy)
     assert torch.equal(codes, ref_codes.reshape(codes.shape))
     assert torch.equal(z_hat, ref_z_hat.reshape(z_hat.shape))
@@ -172,10 +179,14 @@ def test_invalid_arguments_raise_clear_errors():
         triton_haar.haar_fake_quant(x, 1, schedule="fast")
     with pytest.raises(ValueError, match="one feature slab"):
         triton_haar.haar_fake_quant(
-            torch.zeros(1, 8, 64, device=DEVICE), 1, block_d=16, schedule="local"
+            torch.zeros(1, 8, 64, device=DEVICE), 1, block_d=32, schedule="local"
         )
+    with pytest.raises(ValueError, match="variant"):
+        triton_haar.haar_fake_quant(x, 1, variant="fastest")
+    with pytest.raises(ValueError, match="block_d.*multiples of 32"):
+        triton_haar.haar_fake_quant(torch.zeros(1, 8, 64, device=DEVICE), 1, block_d=48)
     with pytest.raises(TypeError, match="float16/bfloat16/float32"):
         triton_haar.haar_fake_quant(x.double(), 1)
     if triton_haar.interpreted():
         with pytest.raises(ValueError, match="interpreter"):
-            triton_haar.haar_fake_quant(torch.zeros(1, 8, 64), 1, block_d=16, schedule="fused")
+            triton_haar.haar_fake_quant(torch.zeros(1, 8, 64), 1, block_d=32, schedule="fused")

@@ -1,0 +1,96 @@
+"""Device functions shared by the hand-written Haar kernels (:mod:`.triton_haar`,
+:mod:`.haar_rows`): multiplies and divisions that round exactly like the reference's separate
+torch ops, round-half-even, min/max combine functions and the per-row quantizer parameters.
+
+Reductions take this module's own combine functions rather than tl.max / tl.min: those are
+@triton.jit helpers of triton.language.standard, decorated when triton is first imported, so
+they would not run in the interpreter if triton had been imported before TRITON_INTERPRET=1
+was set (as in a pytest session that imports Inductor first). Every device function the
+kernels call is defined in this package and decorated when the kernels are.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+INV_SQRT2 = tl.constexpr(1.0 / math.sqrt(2.0))  # the double the reference multiplies by
+TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
+ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
+CHUNK_BLOCK = tl.constexpr(32)  # partial ranges folded per step (see the kernels' parameter folds)
+
+
+@triton.jit
+def _mul(a, b, EXACT: tl.constexpr):
+    """``a * b`` rounded on its own. With ``EXACT`` (compiled GPU code) it is PTX ``mul.rn``,
+    which the compiler never contracts with a neighbouring add into an FMA, so the butterflies
+    and the dequantization round exactly like the reference's separate torch ops; the
+    interpreter (NumPy) never fuses, so it multiplies plainly."""
+    if EXACT:
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return a * b
+
+
+@triton.jit
+def _by_inv_sqrt2(a, EXACT: tl.constexpr):
+    return _mul(a, tl.full(a.shape, INV_SQRT2, tl.float32), EXACT)
+
+
+@triton.jit
+def _rint(v):
+    """Round half to even (``torch.round``) for ``|v| < 2**22``: adding 1.5 * 2**23 leaves no
+    fraction bits, so the adder's own round-to-nearest-even does it. Larger ``|v|`` do not
+    occur: every quotient lies within the code range (see :func:`_fake_quant_slab`)."""
+    return (v + ROUND_MAGIC) - ROUND_MAGIC
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _minimum(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _quantizer_params(hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC: tl.constexpr):
+    """Offset, scale and reciprocal scale of coefficient rows with range ``[lo, hi]`` (``hi`` =
+    ``max |z|`` when symmetric) at quantized positions ``pos``, rounded as the reference rounds
+    them (IEEE divisions)."""
+    # Largest codes arrive as ints (exact at any width) and become float32 here: Inductor
+    # passes Python floats to user kernels as float64.
+    qmax = tl.where(pos < high_tokens, qmax_high, qmax_low).to(tl.float32)
+    if SYMMETRIC:
+        scale = tl.maximum(tl.math.div_rn(hi, qmax), TINY)
+        offset = hi * 0.0
+    else:
+        scale = tl.maximum(tl.math.div_rn(hi - lo, qmax), TINY)
+        offset = lo
+    inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    return offset, scale, inv
+
+
+@triton.jit
+def _divide(d, scale, inv, EXACT: tl.constexpr):
+    """``d / scale`` rounded like IEEE division, from the reciprocal ``inv = RN(1 / scale)``.
+
+    ``q = RN(d * inv)`` is within 1.5 ulps of the quotient; one correction ``q + r * inv``
+    with the exact residual ``r = d - scale * q`` (an FMA) brings it within one ulp, and a
+    second is then the correctly rounded quotient (Markstein's theorem: ``inv`` correctly
+    rounded, ``q`` within one ulp). One correction alone is measurably not enough (a few
+    quotients in 10**7 adversarial ones stay one ulp off). Five instructions, no branch. The
+    interpreter divides directly (NumPy's float32 division is IEEE)."""
+    if EXACT:
+        q = _mul(d, inv, EXACT)
+        q = tl.fma(tl.fma(-scale, q, d), inv, q)
+        return tl.fma(tl.fma(-scale, q, d), inv, q)
+    else:
+        return tl.math.div_rn(d, scale)
