@@ -37,9 +37,9 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    CHUNK_BLOCK,
     _by_inv_sqrt2,
     _divide,
+    _fold_ranges,
     _maximum,
     _minimum,
     _mul,
@@ -145,22 +145,7 @@ def _fold_params(
     (in a fresh 1-D layout: the divisions run once per row, not once per thread)."""
     R: tl.constexpr = 1 << LEVELS
     slot = tile * R + tl.arange(0, R)
-    chunk = tl.arange(0, CHUNK_BLOCK)
-    hi_acc = tl.full([R, CHUNK_BLOCK], -float("inf"), tl.float32)
-    lo_acc = tl.full([R, CHUNK_BLOCK], float("inf"), tl.float32)
-    # Elementwise accumulation, one reduction after the loop (a loop-carried reduction
-    # crashed Triton 3.6). .cg: read through to L2, where the other programs' stores landed.
-    for first in range(0, chunks, CHUNK_BLOCK):
-        ok = (first + chunk < chunks)[None, :]
-        at = part_ptr + (first + chunk)[None, :] * coeffs + slot[:, None]
-        hi_acc = tl.maximum(hi_acc, tl.load(at, mask=ok, other=-float("inf"), cache_modifier=".cg"))
-        if not SYMMETRIC:
-            lo_acc = tl.minimum(
-                lo_acc,
-                tl.load(at + chunks * coeffs, mask=ok, other=float("inf"), cache_modifier=".cg"),
-            )
-    hi = tl.reduce(hi_acc, 1, _maximum)
-    lo = tl.reduce(lo_acc, 1, _minimum)
+    hi, lo = _fold_ranges(part_ptr, slot, chunks, coeffs, SYMMETRIC)
     pos, _ = _positions(t, sinks, n, sink_tiles, LEVELS)
     offset, scale, inv = _quantizer_params(hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC)
     _store_params(param_ptr, slot, offset, scale, inv)
@@ -183,6 +168,16 @@ def _load_block(
         return tl.load(x_base + s * SUB + row_off, mask=ok, other=0.0)
     else:
         return tl.load(x_base + s * SUB + row_off)
+
+
+@triton.jit
+def _coefficients(x, R: tl.constexpr, SUB: tl.constexpr, HAAR: tl.constexpr, EXACT: tl.constexpr):
+    """A loaded ``[SUB / V, R, V]`` block as float32 ``[R, SUB]`` rows, transformed when
+    ``HAAR`` (missing tokens were read as zeros, as the reference pads)."""
+    z = tl.reshape(tl.permute(x.to(tl.float32), (1, 0, 2)), [R, SUB])
+    if HAAR:
+        z = _forward(z, R, SUB, EXACT)
+    return z
 
 
 @triton.jit
@@ -231,10 +226,7 @@ def _tile_body(
             # its loads are in flight while this one is computed.
             ahead = tl.minimum(s + 1, subs - 1)
             x_next = _load_block(x_base, row_off, ahead, *block, D, R, SUB, ROW_MASK, COL_MASK)
-            z = tl.reshape(tl.permute(x.to(tl.float32), (1, 0, 2)), [R, SUB])
-            if HAAR:
-                z = _forward(z, R, SUB, EXACT)  # missing tokens are zeros, as in the reference
-            z = tl.reshape(z, [R, SUB // V, V])
+            z = tl.reshape(_coefficients(x, R, SUB, HAAR, EXACT), [R, SUB // V, V])
             if SYMMETRIC:
                 z = tl.abs(z)
             if COL_MASK:
@@ -289,9 +281,7 @@ def _tile_body(
     for s in range(subs):
         ahead = tl.minimum(s + 1, subs - 1)
         x_next = _load_block(x_base, row_off, ahead, *block, D, R, SUB, ROW_MASK, COL_MASK)
-        z = tl.reshape(tl.permute(x.to(tl.float32), (1, 0, 2)), [R, SUB])
-        if HAAR:
-            z = _forward(z, R, SUB, EXACT)
+        z = _coefficients(x, R, SUB, HAAR, EXACT)
         offset, scale, inv = _load_params(param_at, s, EXACT)
         d = z if SYMMETRIC else z - offset[:, None]
         codes = _rint(_divide(d, scale[:, None], inv[:, None], EXACT))

@@ -20,7 +20,7 @@ import triton.language as tl
 INV_SQRT2 = tl.constexpr(1.0 / math.sqrt(2.0))  # the double the reference multiplies by
 TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
-CHUNK_BLOCK = tl.constexpr(32)  # partial ranges folded per step (see the kernels' parameter folds)
+CHUNK_BLOCK = tl.constexpr(32)  # partial ranges folded per step (see _fold_ranges)
 
 
 @triton.jit
@@ -94,3 +94,29 @@ def _divide(d, scale, inv, EXACT: tl.constexpr):
         return tl.fma(tl.fma(-scale, q, d), inv, q)
     else:
         return tl.math.div_rn(d, scale)
+
+
+@triton.jit
+def _fold_ranges(part_ptr, slot, chunks, coeffs, SYMMETRIC: tl.constexpr):
+    """The ranges ``(max, min)`` of canonical rows ``slot`` (1-D, ``R`` rows) folded over the
+    ``chunks`` partial ranges in ``part[2, chunks, coeffs]``.
+
+    ``[R, CHUNK_BLOCK]`` partials per step: the loads of a step are independent, so a tile
+    with many chunks costs a few memory round trips, not one per chunk (ncu on an H200: 7.1 us
+    of a 44 us node at 2048 x 4096 with one load per chunk). ``.cg``: read through to L2,
+    where the other programs' stores landed. Elementwise accumulation and one reduction after
+    the loop: a reduction inside it crashed Triton 3.6's OptimizeThreadLocality pass."""
+    R: tl.constexpr = slot.shape[0]
+    chunk = tl.arange(0, CHUNK_BLOCK)
+    hi_acc = tl.full([R, CHUNK_BLOCK], -float("inf"), tl.float32)
+    lo_acc = tl.full([R, CHUNK_BLOCK], float("inf"), tl.float32)
+    for first in range(0, chunks, CHUNK_BLOCK):
+        ok = (first + chunk < chunks)[None, :]
+        at = part_ptr + (first + chunk)[None, :] * coeffs + slot[:, None]
+        hi_acc = tl.maximum(hi_acc, tl.load(at, mask=ok, other=-float("inf"), cache_modifier=".cg"))
+        if not SYMMETRIC:
+            lo_acc = tl.minimum(
+                lo_acc,
+                tl.load(at + chunks * coeffs, mask=ok, other=float("inf"), cache_modifier=".cg"),
+            )
+    return tl.reduce(hi_acc, 1, _maximum), tl.reduce(lo_acc, 1, _minimum)

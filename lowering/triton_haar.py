@@ -90,9 +90,9 @@ from .haar_rows import MAX_ROWS_LEVELS
 from .kernel_analysis import memoize_access_analysis
 from .symbolic import IntLike, ceil_to, haar_levels
 from .triton_common import (
-    CHUNK_BLOCK,
     _by_inv_sqrt2,
     _divide,
+    _fold_ranges,
     _maximum,
     _minimum,
     _mul,
@@ -243,26 +243,7 @@ def _tile_params(
     per thread holding the row."""
     R: tl.constexpr = 1 << LEVELS
     slot = tile * R + tl.arange(0, R)
-    # [R, CHUNK_BLOCK] partials per step: the loads of a step are independent, so a tile with
-    # many chunks costs a few memory round trips, not one per chunk (ncu on an H200: 7.1 us of
-    # a 44 us node at 2048 x 4096 with one load per chunk). .cg: read through to L2, where the
-    # other programs' stores landed.
-    # Accumulate elementwise and reduce once after the loop (a reduction inside the loop
-    # crashed Triton 3.6's OptimizeThreadLocality pass).
-    chunk = tl.arange(0, CHUNK_BLOCK)
-    hi_acc = tl.full([R, CHUNK_BLOCK], -float("inf"), tl.float32)
-    lo_acc = tl.full([R, CHUNK_BLOCK], float("inf"), tl.float32)
-    for first in range(0, chunks, CHUNK_BLOCK):
-        ok = (first + chunk < chunks)[None, :]
-        at = part_ptr + (first + chunk)[None, :] * coeffs + slot[:, None]
-        hi_acc = tl.maximum(hi_acc, tl.load(at, mask=ok, other=-float("inf"), cache_modifier=".cg"))
-        if not SYMMETRIC:
-            lo_acc = tl.minimum(
-                lo_acc,
-                tl.load(at + chunks * coeffs, mask=ok, other=float("inf"), cache_modifier=".cg"),
-            )
-    hi = tl.reduce(hi_acc, 1, _maximum)
-    lo = tl.reduce(lo_acc, 1, _minimum)
+    hi, lo = _fold_ranges(part_ptr, slot, chunks, coeffs, SYMMETRIC)
     pos, _ = _tile_positions(t, sinks, n, sink_tiles, LEVELS)
     offset, scale, inv = _quantizer_params(hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC)
     tl.store(param_ptr + slot, offset)

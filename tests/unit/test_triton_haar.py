@@ -32,6 +32,7 @@ pytest.importorskip("triton")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from stamp_fx.lowering import triton_haar  # noqa: E402
+from stamp_fx.lowering.triton_common import CHUNK_BLOCK  # noqa: E402
 
 from stamp_fx import SitePolicy  # noqa: E402
 from stamp_fx.quantizer import compute_qparams, dequantize, quantize  # noqa: E402
@@ -122,7 +123,7 @@ def test_schedules_agree_bit_for_bit(symmetric, variant):
 def test_ranges_of_more_chunks_than_one_fold_step(symmetric, variant):
     """70 feature slabs per tile: the parameter fold reads the partial ranges in steps of
     CHUNK_BLOCK, the last one partial; codes must still equal the reference's."""
-    chunks = 2 * int(triton_haar.CHUNK_BLOCK) + 6
+    chunks = 2 * int(CHUNK_BLOCK) + 6
     x = randn((1, 9, 32 * chunks - 5), 11, torch.float32).to(DEVICE)
     policy = SitePolicy(levels=2, sink_tokens=1, high_tokens=3, symmetric=symmetric)
     out, codes, z_hat = run_probe(x, policy, block_d=32, schedule="split", variant=variant)
