@@ -213,7 +213,8 @@ def _tile_body(
     x_base = x_ptr + row * stride_xb + tok0 * D + first_col + feats
     o_base = out_ptr + row * stride_ob + tok0 * D + first_col + feats
     row_off = (r * D)[None, :, None]
-    subs = tl.minimum(SUBS, tl.cdiv(D - first_col, SUB))
+    # (not tl.cdiv: a triton.language.standard helper; see triton_common's docstring)
+    subs = tl.minimum(SUBS, (D - first_col + SUB - 1) // SUB)
     slot = tile * R + r
     block = (tokens_here, first_col, feats)
 

@@ -2,11 +2,12 @@
 :mod:`.haar_rows`): multiplies and divisions that round exactly like the reference's separate
 torch ops, round-half-even, min/max combine functions and the per-row quantizer parameters.
 
-Reductions take this module's own combine functions rather than tl.max / tl.min: those are
-@triton.jit helpers of triton.language.standard, decorated when triton is first imported, so
-they would not run in the interpreter if triton had been imported before TRITON_INTERPRET=1
-was set (as in a pytest session that imports Inductor first). Every device function the
-kernels call is defined in this package and decorated when the kernels are.
+Reductions take this module's own combine functions rather than tl.max / tl.min (and no
+kernel calls tl.cdiv or any other triton.language.standard helper): those are @triton.jit
+functions decorated when triton is first imported, so they would not run in the interpreter
+if triton had been imported before TRITON_INTERPRET=1 was set (as in a pytest session that
+imports Inductor first). Every device function the kernels call is defined in this package
+and decorated when the kernels are; tests/unit/test_triton_haar.py checks it.
 """
 
 from __future__ import annotations

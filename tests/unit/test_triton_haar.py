@@ -191,3 +191,21 @@ def test_invalid_arguments_raise_clear_errors():
     if triton_haar.interpreted():
         with pytest.raises(ValueError, match="interpreter"):
             triton_haar.haar_fake_quant(torch.zeros(1, 8, 64), 1, block_d=32, schedule="fused")
+
+
+def test_kernels_call_no_triton_standard_library_helpers():
+    """triton.language.standard's helpers (tl.cdiv, tl.max, ...) are @triton.jit functions
+    decorated when triton is first imported; called from an interpreted kernel they fail when
+    triton was imported before TRITON_INTERPRET=1 (the whole suite imports Inductor first).
+    The kernels must use builtins and this package's own device functions only."""
+    import inspect
+    import re
+
+    import triton.language.standard as standard
+    from stamp_fx.lowering import haar_rows, triton_common
+
+    helpers = {name for name, obj in vars(standard).items() if hasattr(obj, "fn")}
+    assert {"cdiv", "max", "min", "sum"} <= helpers  # the premise: these are jit helpers
+    for module in (triton_haar, haar_rows, triton_common):
+        called = set(re.findall(r"\btl\.(\w+)\(", inspect.getsource(module)))
+        assert not called & helpers, (module.__name__, called & helpers)
