@@ -37,6 +37,10 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
+    _MODE_APPLY,
+    _MODE_FUSED,
+    _MODE_LOCAL,
+    _MODE_STATS,
     _by_inv_sqrt2,
     _divide,
     _fold_ranges,
@@ -53,9 +57,6 @@ MAX_ROWS_LEVELS = 5
 """Deepest Haar this kernel takes (32 tokens per thread). Deeper tiles use the slab kernel: at
 64 tokens (one feature per thread) the rows kernel needed ~250 registers and measured no
 faster (H200, 4096 x 4096: 66.6 us fused against 69.3 us)."""
-
-_LOCAL, _FUSED, _STATS, _APPLY = (tl.constexpr(m) for m in range(4))
-
 
 @triton.jit
 def _forward(x, M: tl.constexpr, C: tl.constexpr, EXACT: tl.constexpr):
@@ -218,7 +219,7 @@ def _tile_body(
     slot = tile * R + r
     block = (tokens_here, first_col, feats)
 
-    if MODE != _APPLY:
+    if MODE != _MODE_APPLY:
         hi_acc = tl.full([R, SUB // V], -float("inf"), tl.float32)
         lo_acc = tl.full([R, SUB // V], float("inf"), tl.float32)
         x = _load_block(x_base, row_off, 0, *block, D, R, SUB, ROW_MASK, COL_MASK)
@@ -240,7 +241,7 @@ def _tile_body(
             x = x_next
         hi = tl.reduce(hi_acc, 1, _maximum)
         lo = tl.reduce(lo_acc, 1, _minimum)
-        if MODE == _LOCAL:
+        if MODE == _MODE_LOCAL:
             pos, _ = _positions(t, sinks, n, sink_tiles, LEVELS)
             offset, scale, inv = _quantizer_params(
                 hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC
@@ -255,7 +256,7 @@ def _tile_body(
             # barrier; the acquire makes the other programs' partials visible to this one.
             tl.debug_barrier()
             arrived = tl.atomic_add(sync_ptr + 1 + tile, 1, sem="acq_rel") + 1
-            if MODE == _STATS:
+            if MODE == _MODE_STATS:
                 # The tile's last program computes the parameters (nobody waits for it).
                 if arrived == chunks:
                     _fold_params(
@@ -327,7 +328,7 @@ def rows_kernel(
     Full tiles take an unmasked body; sink tiles and the last tile of a row a masked one (a
     runtime branch between constexpr specialisations).
     """
-    if MODE == _FUSED:  # noqa: SIM108
+    if MODE == _MODE_FUSED:  # noqa: SIM108
         pid = tl.atomic_add(sync_ptr, 1, sem="relaxed")
     else:
         pid = tl.program_id(0).to(tl.int64)

@@ -21,6 +21,8 @@ import triton.language as tl
 INV_SQRT2 = tl.constexpr(1.0 / math.sqrt(2.0))  # the double the reference multiplies by
 TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
 ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
+# What one launch of a kernel does (both kernels, see triton_haar's schedules).
+_MODE_LOCAL, _MODE_FUSED, _MODE_STATS, _MODE_APPLY = (tl.constexpr(m) for m in range(4))
 CHUNK_BLOCK = tl.constexpr(32)  # partial ranges folded per step (see _fold_ranges)
 
 

@@ -90,6 +90,10 @@ from .haar_rows import MAX_ROWS_LEVELS
 from .kernel_analysis import memoize_access_analysis
 from .symbolic import IntLike, ceil_to, haar_levels
 from .triton_common import (
+    _MODE_APPLY,
+    _MODE_FUSED,
+    _MODE_LOCAL,
+    _MODE_STATS,
     _by_inv_sqrt2,
     _divide,
     _fold_ranges,
@@ -131,7 +135,6 @@ VARIANTS = ("auto", "rows", "slab")
 """Which kernel: ``rows`` (:mod:`.haar_rows`, tiles of up to 32 tokens), ``slab`` (this module's,
 any depth), ``auto`` (rows where it applies)."""
 
-_MODE_LOCAL, _MODE_FUSED, _MODE_STATS, _MODE_APPLY = (tl.constexpr(m) for m in range(4))
 
 
 # -- device functions ----------------------------------------------------------------------------
