@@ -42,13 +42,12 @@ from .triton_common import (
     _MODE_LOCAL,
     _MODE_STATS,
     _by_inv_sqrt2,
-    _divide,
+    _fake_quant,
     _fold_ranges,
     _maximum,
     _minimum,
-    _mul,
     _quantizer_params,
-    _rint,
+    _tile_positions,
 )
 
 __all__ = ["MAX_ROWS_LEVELS", "rows_kernel"]
@@ -57,6 +56,7 @@ MAX_ROWS_LEVELS = 5
 """Deepest Haar this kernel takes (32 tokens per thread). Deeper tiles use the slab kernel: at
 64 tokens (one feature per thread) the rows kernel needed ~250 registers and measured no
 faster (H200, 4096 x 4096: 66.6 us fused against 69.3 us)."""
+
 
 @triton.jit
 def _forward(x, M: tl.constexpr, C: tl.constexpr, EXACT: tl.constexpr):
@@ -83,27 +83,6 @@ def _inverse(z, M: tl.constexpr, C: tl.constexpr, EXACT: tl.constexpr):
         even = _by_inv_sqrt2(approx + detail, EXACT)
         odd = _by_inv_sqrt2(approx - detail, EXACT)
         return tl.reshape(tl.permute(tl.join(even, odd), (0, 2, 1)), [M, C])
-
-
-@triton.jit
-def _positions(t, sinks, n, sink_tiles, LEVELS: tl.constexpr):
-    """Position in the quantized sequence ``[sinks, a_J, d_J, ..., d_1]`` of each coefficient
-    row of tile ``t`` as :func:`_forward` leaves them, and whether the row is real (a sink
-    tile's rows past the last sink are not)."""
-    R: tl.constexpr = 1 << LEVELS
-    i = tl.arange(0, R)
-    if t < sink_tiles:
-        pos = t * R + i
-        valid = pos < sinks
-    else:
-        group = t - sink_tiles
-        pos = sinks + group + i * 0  # a_J
-        for j in tl.static_range(1, LEVELS + 1):
-            width = R >> j
-            in_band = (i >= width) & (i < 2 * width)
-            pos = tl.where(in_band, sinks + (n >> j) + group * width + (i - width), pos)
-        valid = pos < sinks + n
-    return pos, valid
 
 
 @triton.jit
@@ -147,9 +126,24 @@ def _fold_params(
     R: tl.constexpr = 1 << LEVELS
     slot = tile * R + tl.arange(0, R)
     hi, lo = _fold_ranges(part_ptr, slot, chunks, coeffs, SYMMETRIC)
-    pos, _ = _positions(t, sinks, n, sink_tiles, LEVELS)
+    pos, _ = _tile_positions(t, sinks, n, sink_tiles, LEVELS, False)
     offset, scale, inv = _quantizer_params(hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC)
     _store_params(param_ptr, slot, offset, scale, inv)
+
+
+@triton.jit
+def _block_mask(
+    s, tokens_here, first_col, feats, D: tl.constexpr, R: tl.constexpr, SUB: tl.constexpr,
+    COL_MASK: tl.constexpr,
+):  # fmt: skip
+    """Which elements of sub-block ``s`` (``[SUB / V, R, V]``) exist: tokens before the end,
+    features before ``D``. The row bound is recomputed per sub-block on purpose: a
+    loop-invariant one makes ptxas keep R predicates live in registers."""
+    r = tl.arange(0, R)
+    ok = (r < tl.minimum(tokens_here, R + s))[None, :, None]
+    if COL_MASK:
+        ok = ok & (first_col + s * SUB + feats < D)
+    return ok
 
 
 @triton.jit
@@ -160,12 +154,7 @@ def _load_block(
     """Sub-block ``s`` of the program's slab, ``[SUB / V, R, V]`` in the input dtype; missing
     tokens and features read as zeros."""
     if ROW_MASK or COL_MASK:
-        # The row bound is recomputed per sub-block on purpose: a loop-invariant one makes
-        # ptxas keep R predicates live in registers.
-        r = tl.arange(0, R)
-        ok = (r < tl.minimum(tokens_here, R + s))[None, :, None]
-        if COL_MASK:
-            ok = ok & (first_col + s * SUB + feats < D)
+        ok = _block_mask(s, tokens_here, first_col, feats, D, R, SUB, COL_MASK)
         return tl.load(x_base + s * SUB + row_off, mask=ok, other=0.0)
     else:
         return tl.load(x_base + s * SUB + row_off)
@@ -242,7 +231,7 @@ def _tile_body(
         hi = tl.reduce(hi_acc, 1, _maximum)
         lo = tl.reduce(lo_acc, 1, _minimum)
         if MODE == _MODE_LOCAL:
-            pos, _ = _positions(t, sinks, n, sink_tiles, LEVELS)
+            pos, _ = _tile_positions(t, sinks, n, sink_tiles, LEVELS, False)
             offset, scale, inv = _quantizer_params(
                 hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC
             )
@@ -277,7 +266,7 @@ def _tile_body(
 
     param_at = param_ptr + slot * 4
     if PROBE:
-        pos, valid = _positions(t, sinks, n, sink_tiles, LEVELS)
+        pos, valid = _tile_positions(t, sinks, n, sink_tiles, LEVELS, False)
         probe_row = (row * (sinks + n) + pos) * D
     x = _load_block(x_base, row_off, 0, *block, D, R, SUB, ROW_MASK, COL_MASK)
     for s in range(subs):
@@ -285,24 +274,20 @@ def _tile_body(
         x_next = _load_block(x_base, row_off, ahead, *block, D, R, SUB, ROW_MASK, COL_MASK)
         z = _coefficients(x, R, SUB, HAAR, EXACT)
         offset, scale, inv = _load_params(param_at, s, EXACT)
-        d = z if SYMMETRIC else z - offset[:, None]
-        codes = _rint(_divide(d, scale[:, None], inv[:, None], EXACT))
-        z_hat = _mul(codes, scale[:, None], EXACT)
-        if not SYMMETRIC:
-            z_hat = z_hat + offset[:, None]
+        codes, z_hat = _fake_quant(z, offset, scale, inv, SYMMETRIC, EXACT)
         if PROBE:  # test hook: codes and q/dq values at [2, rows, sinks + n, D]
             at = probe_ptr + probe_row[None, :, None] + first_col + s * SUB + feats
             keep = valid[None, :, None] & (first_col + s * SUB + feats < D)
             plane = rows * (sinks + n) * D
             tl.store(at, tl.permute(tl.reshape(codes, [R, SUB // V, V]), (1, 0, 2)), mask=keep)
-            tl.store(at + plane, tl.permute(tl.reshape(z_hat, [R, SUB // V, V]), (1, 0, 2)), mask=keep)
+            tl.store(
+                at + plane, tl.permute(tl.reshape(z_hat, [R, SUB // V, V]), (1, 0, 2)), mask=keep
+            )
         if HAAR:
             z_hat = _inverse(z_hat, R, SUB, EXACT)
         y = tl.permute(tl.reshape(z_hat, [R, SUB // V, V]), (1, 0, 2)).to(out_ptr.dtype.element_ty)
         if MASKED:
-            ok = (r < tl.minimum(tokens_here, R + s))[None, :, None]
-            if COL_MASK:
-                ok = ok & (first_col + s * SUB + feats < D)
+            ok = _block_mask(s, *block, D, R, SUB, COL_MASK)
             tl.store(o_base + s * SUB + row_off, y, mask=ok)
         else:
             tl.store(o_base + s * SUB + row_off, y)

@@ -49,7 +49,7 @@ def _by_inv_sqrt2(a, EXACT: tl.constexpr):
 def _rint(v):
     """Round half to even (``torch.round``) for ``|v| < 2**22``: adding 1.5 * 2**23 leaves no
     fraction bits, so the adder's own round-to-nearest-even does it. Larger ``|v|`` do not
-    occur: every quotient lies within the code range (see :func:`_fake_quant_slab`)."""
+    occur: every quotient lies within the code range (see :func:`_fake_quant`)."""
     return (v + ROUND_MAGIC) - ROUND_MAGIC
 
 
@@ -123,3 +123,53 @@ def _fold_ranges(part_ptr, slot, chunks, coeffs, SYMMETRIC: tl.constexpr):
                 tl.load(at + chunks * coeffs, mask=ok, other=float("inf"), cache_modifier=".cg"),
             )
     return tl.reduce(hi_acc, 1, _maximum), tl.reduce(lo_acc, 1, _minimum)
+
+
+@triton.jit
+def _bit_reverse(i, BITS: tl.constexpr):
+    """``i`` with its low ``BITS`` bits in reverse order."""
+    r = i * 0
+    for b in tl.static_range(BITS):
+        r = r | (((i >> b) & 1) << (BITS - 1 - b))
+    return r
+
+
+@triton.jit
+def _tile_positions(t, sinks, n, sink_tiles, LEVELS: tl.constexpr, BIT_REVERSED: tl.constexpr):
+    """Position in the quantized sequence ``[sinks, a_J, d_J, ..., d_1]`` (``n`` coefficients
+    after the sinks) of each canonical coefficient row of tile ``t``, and whether the row is
+    real (a sink tile's rows past the last sink are not). Rows come as the kernels' forward
+    transforms leave them: ``[a_J, d_J, d_{J-1}, ..., d_1]``, row ``i`` of band ``j`` (rows
+    ``w .. 2w - 1``, ``w = R / 2**j``) being detail ``i - w`` of the group's ``w``, or
+    ``bitrev(i - w)`` when ``BIT_REVERSED`` (the slab kernel)."""
+    R: tl.constexpr = 1 << LEVELS
+    i = tl.arange(0, R)
+    if t < sink_tiles:
+        pos = t * R + i
+        valid = pos < sinks
+    else:
+        group = t - sink_tiles
+        pos = sinks + group + i * 0  # a_J
+        for j in tl.static_range(1, LEVELS + 1):
+            width = R >> j
+            in_band = (i >= width) & (i < 2 * width)
+            offset = _bit_reverse(i - width, LEVELS - j) if BIT_REVERSED else i - width
+            pos = tl.where(in_band, sinks + (n >> j) + group * width + offset, pos)
+        valid = pos < sinks + n
+    return pos, valid
+
+
+@triton.jit
+def _fake_quant(z, offset, scale, inv, SYMMETRIC: tl.constexpr, EXACT: tl.constexpr):
+    """Integer codes ``round((z - offset) / scale)`` and ``codes * scale + offset`` of
+    ``[R, C]`` coefficients with per-row parameters, rounded exactly as the reference rounds
+    them (IEEE division, round half to even).
+
+    No clamp to the code grid: every row's range is its exact min/max (max |z|), so the
+    correctly rounded quotients lie in [0, qmax] (or [-qmax, qmax])."""
+    d = z if SYMMETRIC else z - offset[:, None]
+    codes = _rint(_divide(d, scale[:, None], inv[:, None], EXACT))
+    z_hat = _mul(codes, scale[:, None], EXACT)
+    if not SYMMETRIC:
+        z_hat = z_hat + offset[:, None]
+    return codes, z_hat

@@ -94,14 +94,14 @@ from .triton_common import (
     _MODE_FUSED,
     _MODE_LOCAL,
     _MODE_STATS,
+    _bit_reverse,
     _by_inv_sqrt2,
-    _divide,
+    _fake_quant,
     _fold_ranges,
     _maximum,
     _minimum,
-    _mul,
     _quantizer_params,
-    _rint,
+    _tile_positions,
 )
 
 __all__ = [
@@ -136,17 +136,7 @@ VARIANTS = ("auto", "rows", "slab")
 any depth), ``auto`` (rows where it applies)."""
 
 
-
 # -- device functions ----------------------------------------------------------------------------
-
-
-@triton.jit
-def _bit_reverse(i, BITS: tl.constexpr):
-    """``i`` with its low ``BITS`` bits in reverse order."""
-    r = i * 0
-    for b in tl.static_range(BITS):
-        r = r | (((i >> b) & 1) << (BITS - 1 - b))
-    return r
 
 
 @triton.jit
@@ -190,52 +180,6 @@ def _haar_inverse(t, DEPTH: tl.constexpr, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _coefficient_positions(group, sinks, n, LEVELS: tl.constexpr):
-    """Position in the quantized sequence ``[sinks, a_J, d_J, ..., d_1]`` of each coefficient
-    row of Haar group ``group`` as :func:`_haar_forward` leaves them (``n`` coefficients in
-    all): row ``i`` in band ``j`` (rows ``w .. 2w - 1``, ``w = R / 2**j``) is detail
-    ``bitrev(i - w)`` of the group's ``w``."""
-    R: tl.constexpr = 1 << LEVELS
-    i = tl.arange(0, R)
-    pos = sinks + group + i * 0  # a_J
-    for j in tl.static_range(1, LEVELS + 1):
-        width = R >> j
-        in_band = (i >= width) & (i < 2 * width)
-        offset = _bit_reverse(i - width, LEVELS - j)
-        pos = tl.where(in_band, sinks + (n >> j) + group * width + offset, pos)
-    return pos
-
-
-@triton.jit
-def _fake_quant_slab(z, offset, scale, inv, SYMMETRIC: tl.constexpr, EXACT: tl.constexpr):
-    """Integer codes ``round((z - offset) / scale)`` and ``codes * scale + offset`` per row,
-    rounded exactly as the reference rounds them (IEEE division, round half to even).
-
-    No clamp to the code grid: every row's range is its exact min/max (max |z|), so the
-    correctly rounded quotients lie in [0, qmax] (or [-qmax, qmax])."""
-    d = z if SYMMETRIC else z - offset[:, None]
-    codes = _rint(_divide(d, scale[:, None], inv[:, None], EXACT))
-    z_hat = _mul(codes, scale[:, None], EXACT)
-    if not SYMMETRIC:
-        z_hat = z_hat + offset[:, None]
-    return codes, z_hat
-
-
-@triton.jit
-def _tile_positions(t, sinks, n, sink_tiles, LEVELS: tl.constexpr):
-    """Quantized positions of a tile's ``R`` canonical coefficients, and which are real
-    (a sink tile's columns past the last sink are not)."""
-    R: tl.constexpr = 1 << LEVELS
-    if t < sink_tiles:
-        pos = t * R + tl.arange(0, R)
-        valid = pos < sinks
-    else:
-        pos = _coefficient_positions(t - sink_tiles, sinks, n, LEVELS)
-        valid = pos < sinks + n
-    return pos, valid
-
-
-@triton.jit
 def _tile_params(
     part_ptr, param_ptr, tile, t, chunks, coeffs, sinks, n, sink_tiles,
     high_tokens, qmax_high, qmax_low, LEVELS: tl.constexpr, SYMMETRIC: tl.constexpr,
@@ -247,7 +191,7 @@ def _tile_params(
     R: tl.constexpr = 1 << LEVELS
     slot = tile * R + tl.arange(0, R)
     hi, lo = _fold_ranges(part_ptr, slot, chunks, coeffs, SYMMETRIC)
-    pos, _ = _tile_positions(t, sinks, n, sink_tiles, LEVELS)
+    pos, _ = _tile_positions(t, sinks, n, sink_tiles, LEVELS, True)
     offset, scale, inv = _quantizer_params(hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC)
     tl.store(param_ptr + slot, offset)
     tl.store(param_ptr + coeffs + slot, scale)
@@ -366,7 +310,7 @@ def _stamp_haar_kernel(
         return
 
     if MODE == _MODE_LOCAL:
-        pos, valid = _tile_positions(t, sinks, n, sink_tiles, LEVELS)
+        pos, valid = _tile_positions(t, sinks, n, sink_tiles, LEVELS, True)
         offset, scale, inv = _quantizer_params(
             hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC
         )
@@ -380,9 +324,9 @@ def _stamp_haar_kernel(
         scale = tl.load(param_ptr + coeffs + slot, cache_modifier=".cg")
         inv = tl.load(param_ptr + 2 * coeffs + slot, cache_modifier=".cg")
         if PROBE:
-            pos, valid = _tile_positions(t, sinks, n, sink_tiles, LEVELS)
+            pos, valid = _tile_positions(t, sinks, n, sink_tiles, LEVELS, True)
 
-    codes, z_hat = _fake_quant_slab(z, offset, scale, inv, SYMMETRIC, EXACT)
+    codes, z_hat = _fake_quant(z, offset, scale, inv, SYMMETRIC, EXACT)
     if PROBE:
         # Test hook: codes and q/dq values at [2, rows, quantized, D].
         quantized = sinks + n
