@@ -1,22 +1,32 @@
 """Inductor-facing lowering of ``stamp::`` ops (installed as ``stamp_fx.lowering``).
 
 * :mod:`.registry`: the lowerings selectable with ``options={"kernel": name}``
-  (``reference``, ``inductor``, ``triton``);
+  (``auto``, the default; ``triton``, ``inductor``, ``reference``);
+* :mod:`.kernel_choice`: which op runs each ``stamp::`` node under a lowering (the one place
+  that decides; applied by the backend's ``select_kernels`` pass);
 * :mod:`.cache`: :class:`StampSourcePass`, which keys Inductor's FX graph cache on stamp-fx's
   own source (and the lowering's name) so an upgrade never reuses code compiled against an
   older op, nor one lowering another's;
 * :mod:`.decompositions`: ``stamp::fake_quant`` as ATen ops for Inductor to fuse;
-* :mod:`.triton_haar`: the hand-written fused Haar kernels' host side, routing and the ``slab``
+* :mod:`.triton_haar`: the hand-written fused Haar kernels' host side and the ``slab``
   kernel; :mod:`.haar_rows` the ``rows`` kernel; :mod:`.triton_common` their shared device
-  functions; :mod:`.kernel_analysis` a cache of torch's per-launch analysis of them (all
-  imported lazily: they import Triton);
+  functions; :mod:`.hadamard_kernel` the feature-rotation kernel; :mod:`.kernel_analysis` a
+  cache of torch's per-launch analysis of them (all imported lazily: they import Triton);
 * :mod:`.symbolic`: the few shape questions that need a concrete answer, and their guards.
 """
 
 from .cache import StampSourcePass, inductor_config_patches
-from .registry import LOWERINGS, Lowering, available_lowerings, get_lowering, register_lowering
+from .registry import (
+    DEFAULT_LOWERING,
+    LOWERINGS,
+    Lowering,
+    available_lowerings,
+    get_lowering,
+    register_lowering,
+)
 
 __all__ = [
+    "DEFAULT_LOWERING",
     "LOWERINGS",
     "Lowering",
     "StampSourcePass",

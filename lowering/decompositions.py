@@ -43,17 +43,20 @@ side of a rounding tie, i.e. one quantization step).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from stamp_fx.plan import SitePolicy
-from stamp_fx.transforms import _sequency_order
+from stamp_fx.transforms import _sequency_order, block_hadamard
 
-from .symbolic import IntLike, ceil_to, haar_levels, next_pow2_bracket
+from .symbolic import IntLike, ceil_to, haar_levels, next_pow2_bracket, symbolic_length
 
 __all__ = [
     "TRANSFORM_DECOMPOSITIONS",
@@ -62,7 +65,8 @@ __all__ = [
     "decomposable_transforms",
     "stamp_fake_quant_traceable",
     "stamp_fake_quant_decomposition",
-    "decomposition_table",
+    "hadamard_decomposition",
+    "decompositions_active",
     "token_qmax",
 ]
 
@@ -105,6 +109,12 @@ class TransformDecomposition(ABC):
     def __init__(self, policy: SitePolicy, length: IntLike):
         self.policy = policy
         self.length = length
+
+    @classmethod
+    def shape_depends_on_length(cls, policy: SitePolicy) -> bool:
+        """Whether the coefficient layout changes with the length (so a symbolic length would
+        need a guard per bracket of lengths, i.e. a recompile when the bracket changes)."""
+        return False
 
     @property
     def coefficient_length(self) -> IntLike:
@@ -161,6 +171,10 @@ def _haar_merge0(approx: Tensor, detail: Tensor) -> Tensor:
 @register_transform_decomposition("haar")
 class HaarDecomposition(TransformDecomposition):
     """J-level Haar; ``levels=-1`` resolves per length (a guard on the length bracket)."""
+
+    @classmethod
+    def shape_depends_on_length(cls, policy: SitePolicy) -> bool:
+        return policy.levels is None  # auto levels grow with the length
 
     def __init__(self, policy: SitePolicy, length: IntLike):
         super().__init__(policy, length)
@@ -262,6 +276,10 @@ class WHTDecomposition(TransformDecomposition):
     """Sequency-ordered Walsh-Hadamard: the butterflies need a concrete power-of-two size, so the
     length is guarded to its bracket ``2**(m-1) < L <= 2**m`` (the padded size, the butterflies
     and the sequency permutation are then constants of the graph)."""
+
+    @classmethod
+    def shape_depends_on_length(cls, policy: SitePolicy) -> bool:
+        return True
 
     def __init__(self, policy: SitePolicy, length: IntLike):
         super().__init__(policy, length)
@@ -474,7 +492,20 @@ def stamp_fake_quant_decomposition(
         transform, levels, grid, sink_tokens, high_tokens, high_bits, low_bits,
         band_edges, band_bits, symmetric, group_size, autocorr,
     )  # fmt: skip
+    if symbolic_length(x, seq_dim) and TRANSFORM_DECOMPOSITIONS[transform].shape_depends_on_length(
+        policy
+    ):
+        # A dynamic length whose coefficient layout changes by bracket (auto Haar levels, the
+        # WHT's power-of-two size): decomposing would guard on the bracket, and a length in
+        # another bracket would recompile. The extern call decides per call instead (no guard).
+        return NotImplemented
     return stamp_fake_quant_traceable(x, policy, seq_dim)
+
+
+def hadamard_decomposition(x: Tensor, block: int) -> Tensor:
+    """Decomposition of ``stamp::hadamard.default``: the reference rotation is plain torch code
+    (reshape, butterflies, one division), so it is its own traceable twin."""
+    return block_hadamard(x, int(block)).contiguous()
 
 
 def ensure_extern_fallback(op: torch._ops.OpOverload) -> None:
@@ -501,10 +532,45 @@ def ensure_extern_fallback(op: torch._ops.OpOverload) -> None:
     )
 
 
-def decomposition_table() -> dict:
-    """``{stamp::fake_quant.default: stamp_fake_quant_decomposition}`` for ``compile_fx``."""
-    import stamp_fx.ops  # noqa: F401  (registers torch.ops.stamp.fake_quant)
+_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("stamp_decompose", default=False)
 
-    op = torch.ops.stamp.fake_quant.default
-    ensure_extern_fallback(op)
-    return {op: stamp_fake_quant_decomposition}
+
+def _when_active(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def gated(*args, **kwargs):
+        return fn(*args, **kwargs) if _ACTIVE.get() else NotImplemented
+
+    return gated
+
+
+@functools.cache
+def _install() -> None:
+    """Add both decompositions to Inductor's own table, gated by :func:`decompositions_active`.
+
+    Why not ``compile_fx(decompositions=...)``: torch 2.13 puts a custom table into the FX
+    graph cache key, and Inductor's default table holds C++ functions it cannot hash, so every
+    compile would bypass the cache. Outside :func:`decompositions_active` (another backend,
+    the ``reference`` lowering) the entries decline and the ops stay extern calls.
+    """
+    from torch._inductor.decomposition import decompositions
+
+    import stamp_fx.ops  # noqa: F401  (registers the stamp:: ops)
+
+    for op, fn in (
+        (torch.ops.stamp.fake_quant.default, stamp_fake_quant_decomposition),
+        (torch.ops.stamp.hadamard.default, hadamard_decomposition),
+    ):
+        ensure_extern_fallback(op)
+        decompositions[op] = _when_active(fn)
+
+
+@contextlib.contextmanager
+def decompositions_active(active: bool = True) -> Iterator[None]:
+    """Within the block, Inductor decomposes ``stamp::fake_quant`` and ``stamp::hadamard``
+    (a compile of the ``inductor`` / ``auto`` lowerings runs inside it)."""
+    _install()
+    token = _ACTIVE.set(active)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)

@@ -22,7 +22,14 @@ import functools
 
 from stamp_fx.transforms import auto_haar_levels
 
-__all__ = ["IntLike", "haar_levels", "auto_level_thresholds", "next_pow2_bracket", "clamp_sinks"]
+__all__ = [
+    "IntLike",
+    "haar_levels",
+    "auto_level_thresholds",
+    "next_pow2_bracket",
+    "clamp_sinks",
+    "symbolic_length",
+]
 
 IntLike = int  # or torch.SymInt; annotated as int because SymInt quacks like one
 
@@ -83,3 +90,10 @@ def clamp_sinks(sink_tokens: int, length: IntLike) -> IntLike:
 def ceil_to(n: IntLike, multiple: int) -> IntLike:
     """``n`` rounded up to a multiple of ``multiple`` (symbolic-safe)."""
     return (n + multiple - 1) // multiple * multiple
+
+
+def symbolic_length(x, seq_dim: int) -> bool:
+    """Whether ``x``'s length along ``seq_dim`` is symbolic (asking installs no guard)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    return not is_concrete_int(x.shape[seq_dim])

@@ -76,7 +76,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.library import triton_op, wrap_triton
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
@@ -84,11 +83,9 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from stamp_fx.plan import SitePolicy
 
 from . import haar_rows
-from .cache import source_hash
-from .decompositions import policy_of
 from .haar_rows import MAX_ROWS_LEVELS
 from .kernel_analysis import memoize_access_analysis
-from .symbolic import IntLike, ceil_to, haar_levels
+from .symbolic import IntLike, ceil_to, haar_levels, symbolic_length
 from .triton_common import (
     _MODE_APPLY,
     _MODE_FUSED,
@@ -112,8 +109,6 @@ __all__ = [
     "haar_fake_quant",
     "haar_fake_quant_probe",
     "eligible",
-    "TritonHaarRouting",
-    "routing_config_patches",
     "interpreted",
 ]
 
@@ -634,11 +629,15 @@ def haar_fake_quant_op(
     return haar_fake_quant(x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric)
 
 
-# -- routing -------------------------------------------------------------------------------------
+# -- which sites it takes -----------------------------------------------------------------------
 
 
 def eligible(x: Tensor, policy: SitePolicy, seq_dim: int) -> bool:
-    """Whether the fused kernel handles this site (else the ``inductor`` decomposition does)."""
+    """Whether the fused kernel handles this site (else the ``inductor`` decomposition does).
+
+    ``x`` may be a fake tensor with a symbolic length: the answer then holds for every length
+    (auto levels are decided per call, :func:`haar_fake_quant_dynamic_op`), and asking installs
+    no guard."""
     if x.device.type != "cuda" and not interpreted():
         return False
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.ndim < 2:
@@ -649,90 +648,50 @@ def eligible(x: Tensor, policy: SitePolicy, seq_dim: int) -> bool:
         return False
     if policy.levels is not None:
         return policy.levels <= MAX_LEVELS
+    if symbolic_length(x, -2):
+        return True  # the dynamic op falls back to the reference past MAX_LEVELS
     # Auto levels grow with the length; past MAX_LEVELS the site goes to the decomposition.
     transformed = x.shape[-2] - policy.sink_tokens
     return haar_levels(transformed, -1, max(1, policy.high_tokens)) <= MAX_LEVELS
 
 
-class TritonHaarRouting(CustomGraphPass):
-    """Inductor pre-grad pass of the ``"triton"`` lowering: every ``stamp::fake_quant`` call
-    that :func:`eligible` accepts becomes a ``stamp::haar_fake_quant`` call.
-
-    Why a graph pass and not the decomposition: a ``triton_op`` only shows its kernel to
-    Inductor when AOTAutograd *functionalizes* the call, which happens for ops already in the
-    graph it traces. A decomposition runs below functionalization, so a kernel launched from
-    there would be traced as an in-place launch on a fresh buffer that nothing reads and be
-    dropped from the graph. Pre-grad passes run on the Dynamo graph, before that trace. The
-    sites left alone are decomposed by the ``inductor`` decomposition as usual.
-    """
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        fake_quant = torch.ops.stamp.fake_quant
-        for node in list(graph.nodes):
-            if node.op != "call_function" or node.target not in (fake_quant, fake_quant.default):
-                continue
-            args = _bound_arguments(fake_quant.default, node)
-            # Under dynamic=True Dynamo may pass the op's int arguments as symbolic graph
-            # inputs; they are configuration, so read (and specialise) their values.
-            args = [args[0], *(_concrete_arg(a) for a in args[1:])]
-            x, seq_dim, autocorr = args[0], args[1], args[-1]
-            value = x.meta.get("val", x.meta.get("example_value")) if hasattr(x, "meta") else None
-            if not isinstance(value, Tensor) or value.device.type != "cuda":
-                continue  # (the interpreter runs eagerly only; Inductor needs a real GPU kernel)
-            if autocorr is not None or args[2] != "haar":
-                continue
-            try:
-                policy = policy_of(*args[2:])
-            except ValueError:
-                continue  # left to the decomposition, which reports it
-            if not eligible(value, policy, seq_dim):
-                continue
-            levels = -1 if policy.levels is None else policy.levels
-            with graph.inserting_before(node):
-                swapped = graph.call_function(
-                    torch.ops.stamp.haar_fake_quant.default,
-                    (x, levels, policy.sink_tokens, policy.high_tokens, policy.high_bits,
-                     policy.low_bits, policy.symmetric),
-                )  # fmt: skip
-            swapped.meta.update(node.meta)
-            node.replace_all_uses_with(swapped)
-            graph.erase_node(node)
-
-    def uuid(self) -> str:
-        return f"{source_hash()}:triton-haar-routing"
+@torch.library.custom_op("stamp::haar_fake_quant_dynamic", mutates_args=())
+def haar_fake_quant_dynamic_op(
+    x: Tensor,
+    levels: int,
+    sink_tokens: int,
+    high_tokens: int,
+    high_bits: int,
+    low_bits: int,
+    symmetric: bool,
+) -> Tensor:
+    """``torch.ops.stamp.haar_fake_quant_dynamic``: the kernel for a site whose length is
+    symbolic. An opaque op (Inductor calls it, it does not trace it), so the Haar depth, which
+    auto levels take from the length, is decided per call and a new length never recompiles.
+    Past ``MAX_LEVELS`` it runs the reference, which computes the same thing."""
+    seq = x.shape[-2]
+    depth = haar_levels(max(0, seq - sink_tokens), levels, max(1, high_tokens))
+    if depth > MAX_LEVELS:
+        policy = SitePolicy(
+            levels=None if levels < 0 else levels, sink_tokens=sink_tokens,
+            high_tokens=high_tokens, high_bits=high_bits, low_bits=low_bits, symmetric=symmetric,
+        )  # fmt: skip
+        return policy.apply_sequence(x, -2).contiguous()
+    return haar_fake_quant(x, depth, sink_tokens, high_tokens, high_bits, low_bits, symmetric)
 
 
-def _bound_arguments(op: torch._ops.OpOverload, node: torch.fx.Node) -> list:
-    """The node's arguments in schema order, defaults filled in."""
-    out = []
-    for i, arg in enumerate(op._schema.arguments):
-        if i < len(node.args):
-            out.append(node.args[i])
-        else:
-            out.append(node.kwargs.get(arg.name, arg.default_value))
-    return out
+@haar_fake_quant_dynamic_op.register_fake
+def _(x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric):
+    return x.new_empty(x.shape)
 
 
-def _concrete_arg(arg):
-    if isinstance(arg, torch.fx.Node):
-        value = arg.meta.get("val", arg.meta.get("example_value"))
-        if isinstance(value, (torch.SymInt, torch.SymBool, torch.SymFloat)):
-            return _specialise(value)
-        return value if isinstance(value, (int, float, bool)) else arg
-    if isinstance(arg, (list, tuple)):
-        return [_concrete_arg(a) for a in arg]
-    return arg
+def _straight_through(ctx, grad):
+    return (grad,) + (None,) * 6
 
 
-def _specialise(value):
-    """The Python value of a symbolic int/float/bool (recording a guard on it)."""
-    if isinstance(value, torch.SymBool):
-        return bool(value)
-    if isinstance(value, torch.SymFloat):
-        return float(value)
-    return int(value)
+def _no_context(ctx, inputs, output) -> None:
+    pass
 
 
-def routing_config_patches() -> dict:
-    """Inductor config patches of the ``"triton"`` lowering (besides the cache tag)."""
-    return {"pre_grad_custom_pass": TritonHaarRouting()}
+for _op in (haar_fake_quant_op, haar_fake_quant_dynamic_op):
+    _op.register_autograd(_straight_through, setup_context=_no_context)

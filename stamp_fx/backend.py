@@ -21,8 +21,8 @@ from . import ops as _ops  # noqa: F401  (registers the stamp:: ops)
 from .analysis import Site, find_sites, looks_causal
 from .config import BackendOptions, StampConfig, from_options
 from .debug import DebugWriter, format_site_table, resolve_debug_dir
-from .lowering import get_lowering
-from .passes import PassContext, PassRecord, run_passes
+from .lowering import DEFAULT_LOWERING, get_lowering
+from .passes import EAGER_PASSES, PASSES, PassContext, PassRecord, run_passes
 from .plan import AllocationPlan, load_plan
 from .policy import build_plan
 
@@ -78,7 +78,7 @@ class StampCompiler:
         inductor: bool = True,
         plan: Any = None,
         debug_dir: str | None = None,
-        kernel: str = "reference",
+        kernel: str = DEFAULT_LOWERING,
         mode: str | None = None,
         causal: bool | None = None,
         observer: Callable | None = None,
@@ -87,7 +87,7 @@ class StampCompiler:
         self.options = BackendOptions(
             inductor=inductor, plan=plan, debug_dir=debug_dir, kernel=kernel, mode=mode
         )
-        get_lowering(kernel)  # validates the name against the lowering registry
+        self.lowering = get_lowering(kernel)  # validates the name against the registry
         self.plan = load_plan(plan) if plan is not None else None
         self.config_patches = _mode_patches(mode, inductor)
         self.causal = causal
@@ -135,13 +135,15 @@ class StampCompiler:
             )
         debug_root = resolve_debug_dir(self.options.debug_dir)
         writer = DebugWriter(debug_root, self.config.to_json()) if debug_root is not None else None
+        eager = not self.options.inductor or self.observer is not None
         ctx = PassContext(
             sites=sites,
             plan=plan,
             debug=writer,
             observer=self.observer.observe if self.observer else None,
+            lowering=None if eager else self.lowering,
         )
-        pass_records = run_passes(gm, ctx)
+        pass_records = run_passes(gm, ctx, EAGER_PASSES if eager else PASSES)
         pass_seconds = time.perf_counter() - start
         if writer is not None:
             writer.write_plan(plan)
@@ -163,16 +165,7 @@ class StampCompiler:
     def _lower(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         if not self.options.inductor or self.observer is not None:
             return gm.forward
-        from torch._inductor.compile_fx import compile_fx
-        from torch._inductor.decomposition import select_decomp_table
-
-        lowering = get_lowering(self.options.kernel)
-        patches = {**lowering.config_patches(), **self.config_patches}
-        extra = lowering.decompositions()
-        decompositions = {**select_decomp_table(), **extra} if extra else None
-        return compile_fx(
-            gm, list(example_inputs), config_patches=patches, decompositions=decompositions
-        )
+        return self.lowering.compile_fx(gm, example_inputs, config_patches=self.config_patches)
 
     @property
     def last(self) -> CompileRecord:

@@ -26,6 +26,8 @@ from .transforms import FEATURE_TRANSFORMS, SequenceTransform, available_transfo
 __all__ = ["CONFIG_VERSION", "POLICY_FIELDS", "StampConfig", "BackendOptions", "from_options"]
 
 CONFIG_VERSION = 1
+DEFAULT_KERNEL = "auto"
+"""The lowering a compile gets when ``kernel`` is not given (see ``stamp_fx.lowering``)."""
 ALLOCATION_METRICS = ("energy", "range")
 
 
@@ -284,8 +286,10 @@ class BackendOptions:
     """A saved plan (JSON path, dict or AllocationPlan) used verbatim instead of the policy."""
     debug_dir: str | None = None
     """Write graph dumps, plan.json and the site table here."""
-    kernel: str = "reference"
-    """How stamp ops are lowered in Inductor: a name from ``stamp_fx.lowering.available_lowerings()``."""
+    kernel: str = DEFAULT_KERNEL
+    """How stamp ops are lowered in Inductor: a name from ``stamp_fx.lowering.available_lowerings()``
+    (``auto``: the fastest correct op for each site and device; ``reference``: the eager
+    reference, for debugging)."""
     mode: str | None = None
     """torch.compile mode, mapped onto Inductor's config. torch.compile refuses ``mode=`` and
     ``options=`` together, so it may also be given as ``options={"mode": ...}``."""

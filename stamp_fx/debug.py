@@ -34,9 +34,9 @@ def resolve_debug_dir(option: str | os.PathLike | None) -> Path | None:
 
 
 def readable_graph(gm: fx.GraphModule) -> str:
-    """``print_readable`` with the ``stamp`` meta shown beside each node."""
+    """``print_readable`` with the ``stamp`` meta (and the op chosen to run it) beside each node."""
     try:
-        return gm.print_readable(print_output=False, additional_meta=["stamp"])
+        return gm.print_readable(print_output=False, additional_meta=["stamp", "stamp_kernel"])
     except TypeError:  # older signature without additional_meta
         return gm.print_readable(print_output=False)
 

@@ -9,12 +9,24 @@ from torch import fx
 
 from .context import PassContext, PassRecord, StampMeta
 from .insert_stamp import insert_stamp_ops
+from .select_kernels import select_kernels
 
-__all__ = ["PASSES", "PassContext", "PassRecord", "StampMeta", "run_passes", "insert_stamp_ops"]
+__all__ = [
+    "PASSES",
+    "EAGER_PASSES",
+    "PassContext",
+    "PassRecord",
+    "StampMeta",
+    "run_passes",
+    "insert_stamp_ops",
+    "select_kernels",
+]
 
 Pass = Callable[[fx.GraphModule, PassContext], dict]
 
-PASSES: tuple[Pass, ...] = (insert_stamp_ops,)
+PASSES: tuple[Pass, ...] = (insert_stamp_ops, select_kernels)
+EAGER_PASSES: tuple[Pass, ...] = (insert_stamp_ops,)
+"""A graph that runs eagerly (no Inductor, calibration) keeps the reference ops: no choice."""
 
 
 def run_passes(

@@ -34,10 +34,13 @@ class PassRecord:
 @dataclass
 class PassContext:
     """Inputs of the passes. ``observer``, when set, replaces quantization by a call
-    ``observer(x, site_keys, seq_dim) -> x`` (calibration runs the graph eagerly)."""
+    ``observer(x, site_keys, seq_dim) -> x`` (calibration runs the graph eagerly).
+    ``lowering`` (a :class:`stamp_fx.lowering.Lowering`, None when the graph runs eagerly)
+    chooses the op that runs each inserted node."""
 
     sites: list[Site]
     plan: AllocationPlan
     debug: Any = None
     observer: Callable | None = None
+    lowering: Any = None
     extra: dict = field(default_factory=dict)

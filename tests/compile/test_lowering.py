@@ -160,7 +160,7 @@ def test_klt_stays_an_extern_call_to_the_reference():
     assert any("stamp.fake_quant" in line for line in stamp_lines(code))
 
 
-def test_dynamic_lengths_compile_once_and_auto_levels_guard_on_their_bracket():
+def test_dynamic_lengths_compile_once_across_auto_level_brackets():
     calls = []
 
     def backend(gm, example_inputs):
@@ -181,11 +181,18 @@ def test_dynamic_lengths_compile_once_and_auto_levels_guard_on_their_bracket():
         assert torch.equal(out_x, fixed.apply(x, 1))
         assert torch.equal(out_y, auto.apply(y, 1))
     assert len(calls) == 1
-    # A length with a different auto level count fails the guard and compiles once more.
+    # A length with another auto level count runs on the same graph: the auto-depth site is
+    # an extern call that decides its depth per call (decomposing it would guard on the
+    # bracket and recompile), the fixed-depth one stays generated code.
     x, y = randn((2, 40, 8), 0), randn((2, 30, 8), 1)
     out_x, out_y = run(x, y)
+    assert torch.equal(out_x, fixed.apply(x, 1))
     assert torch.equal(out_y, auto.apply(y, 1))
-    assert len(calls) == 2
+    assert len(calls) == 1
+    torch._dynamo.reset()
+    _, (code,) = run_and_get_code(torch.compile(fn, backend=backend, dynamic=True), x, y)
+    calls = [line for line in stamp_lines(code) if "= torch.ops.stamp.fake_quant" in line]
+    assert len(calls) == 1 and "'haar', -1," in calls[0], calls
 
 
 def test_triton_lowering_on_cpu_is_the_inductor_decomposition():
@@ -201,8 +208,8 @@ def test_triton_lowering_on_cpu_is_the_inductor_decomposition():
 
 
 def test_registry_lists_the_lowerings_and_rejects_unknown_names():
-    assert {"reference", "inductor", "triton"} <= set(available_lowerings())
-    with pytest.raises(ValueError, match="valid kernels: inductor, reference, triton"):
+    assert {"auto", "reference", "inductor", "triton"} <= set(available_lowerings())
+    with pytest.raises(ValueError, match="valid kernels: auto, inductor, reference, triton"):
         get_lowering("cuda")
     with pytest.raises(ValueError, match="decomposable"):
         stamp_fake_quant_traceable(torch.zeros(2, 4), SitePolicy(transform="klt"), 0)

@@ -1,0 +1,150 @@
+"""Which op runs each ``stamp::`` node: the one place a lowering decides it.
+
+The stamp backend's ``select_kernels`` pass calls :func:`choose` on every ``stamp::fake_quant``
+and ``stamp::hadamard`` node of the Dynamo graph, after the quantizers are inserted and before
+Inductor sees the graph, and swaps the node for the answer. Deciding here, on the graph the
+backend owns, instead of in a pass installed into Inductor's config, leaves a user's own
+Inductor passes alone and puts the choice in the debug dumps (``kernel=`` in ``meta["stamp"]``).
+
+The answers, for a lowering with hand-written kernels (``auto``, the default; ``triton``):
+
+* ``stamp::fake_quant`` on CUDA that :func:`.triton_haar.eligible` takes:
+  ``stamp::haar_fake_quant`` (a ``triton_op``: Inductor launches the kernel from its own code),
+  or, for a symbolic length under auto levels, ``stamp::haar_fake_quant_dynamic`` (an opaque
+  op that picks the Haar depth per call), so a new length never recompiles;
+* ``stamp::hadamard`` on CUDA that :func:`.hadamard_kernel.eligible` takes:
+  ``stamp::hadamard_kernel``;
+* anything else stays, and Inductor decomposes it (:mod:`.decompositions`; C++ on the CPU) or,
+  where no decomposition applies (``klt``; a symbolic length under auto Haar levels or the WHT),
+  calls the reference.
+
+The ``inductor`` lowering takes no hand-written kernel; ``reference`` keeps every node as an
+extern call (:func:`choose` is not called).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, fx
+
+from stamp_fx.plan import SitePolicy
+
+from .symbolic import symbolic_length
+
+__all__ = ["Choice", "choose", "DECOMPOSED", "REFERENCE"]
+
+DECOMPOSED = "inductor"
+REFERENCE = "reference"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """``target(*args)`` replaces the node (``target`` None: the node stays); ``label`` names
+    what runs it, for reports."""
+
+    label: str
+    target: object = None
+    args: tuple = ()
+
+
+def _value(node: object) -> Tensor | None:
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("val", node.meta.get("example_value"))
+    return value if isinstance(value, Tensor) else None
+
+
+def _bound_arguments(op: torch._ops.OpOverload, node: fx.Node) -> list:
+    """The node's arguments in schema order, defaults filled in."""
+    out = []
+    for i, arg in enumerate(op._schema.arguments):
+        if i < len(node.args):
+            out.append(node.args[i])
+        else:
+            out.append(node.kwargs.get(arg.name, arg.default_value))
+    return out
+
+
+def _concrete_arg(arg):
+    """Configuration arguments that Dynamo passed as symbolic graph inputs, as their values."""
+    if isinstance(arg, fx.Node):
+        value = arg.meta.get("val", arg.meta.get("example_value"))
+        if isinstance(value, torch.SymBool):
+            return bool(value)
+        if isinstance(value, torch.SymFloat):
+            return float(value)
+        if isinstance(value, torch.SymInt):
+            return int(value)
+        return value if isinstance(value, (int, float, bool)) else arg
+    if isinstance(arg, (list, tuple)):
+        return [_concrete_arg(a) for a in arg]
+    return arg
+
+
+def _fallback(policy: SitePolicy, x: Tensor, seq_dim: int) -> Choice:
+    from .decompositions import TRANSFORM_DECOMPOSITIONS
+
+    cls = TRANSFORM_DECOMPOSITIONS.get(policy.transform)
+    if cls is None or policy.autocorr_key is not None:
+        return Choice(REFERENCE)
+    if symbolic_length(x, seq_dim) and cls.shape_depends_on_length(policy):
+        return Choice(REFERENCE)
+    return Choice(DECOMPOSED)
+
+
+def _choose_fake_quant(node: fx.Node, hand_written: bool) -> Choice:
+    from .decompositions import policy_of
+
+    op = torch.ops.stamp.fake_quant.default
+    args = _bound_arguments(op, node)
+    args = [args[0], *(_concrete_arg(a) for a in args[1:])]
+    x, seq_dim, autocorr = _value(args[0]), args[1], args[-1]
+    if x is None:
+        return Choice(DECOMPOSED)
+    try:
+        policy = policy_of(*args[2:])
+    except ValueError:
+        return Choice(DECOMPOSED)  # the decomposition reports it
+    if autocorr is not None or not hand_written or x.device.type != "cuda":
+        return _fallback(policy, x, seq_dim)
+    from . import triton_haar
+
+    if not triton_haar.eligible(x, policy, seq_dim):
+        return _fallback(policy, x, seq_dim)
+    levels = -1 if policy.levels is None else policy.levels
+    kernel_args = (
+        args[0], levels, policy.sink_tokens, policy.high_tokens, policy.high_bits,
+        policy.low_bits, policy.symmetric,
+    )  # fmt: skip
+    if policy.levels is None and symbolic_length(x, -2):
+        # The depth follows the length: decided per call, so no guard and no recompile.
+        dynamic = torch.ops.stamp.haar_fake_quant_dynamic.default
+        return Choice("haar kernel (depth per call)", dynamic, kernel_args)
+    return Choice("haar kernel", torch.ops.stamp.haar_fake_quant.default, kernel_args)
+
+
+def _choose_hadamard(node: fx.Node, hand_written: bool) -> Choice:
+    op = torch.ops.stamp.hadamard.default
+    args = _bound_arguments(op, node)
+    x, block = _value(args[0]), _concrete_arg(args[1])
+    if x is None or not hand_written or x.device.type != "cuda" or not isinstance(block, int):
+        return Choice(DECOMPOSED)
+    from . import hadamard_kernel
+
+    if not hadamard_kernel.eligible(x, block):
+        return Choice(DECOMPOSED)
+    return Choice("hadamard kernel", torch.ops.stamp.hadamard_kernel.default, (args[0], block))
+
+
+def choose(node: fx.Node, *, hand_written: bool) -> Choice | None:
+    """What runs ``node`` (None: not a ``stamp::`` op this module decides)."""
+    if node.op != "call_function":
+        return None
+    fake_quant, hadamard = torch.ops.stamp.fake_quant, torch.ops.stamp.hadamard
+    if node.target in (fake_quant, fake_quant.default):
+        return _choose_fake_quant(node, hand_written)
+    if node.target in (hadamard, hadamard.default):
+        return _choose_hadamard(node, hand_written)
+    return None
