@@ -29,9 +29,11 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from stamp_fx.lowering import triton_haar  # noqa: E402
+from stamp_fx.lowering.haar_rows import MAX_ROWS_LEVELS  # noqa: E402
+from stamp_fx.lowering.symbolic import haar_levels  # noqa: E402
 from stamp_fx.lowering.triton_common import CHUNK_BLOCK  # noqa: E402
 
 from stamp_fx import SitePolicy  # noqa: E402
@@ -44,6 +46,27 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Small enough for the interpreter (it runs every program in NumPy), with the awkward lengths.
 short_lengths = st.one_of(st.integers(1, 9), st.sampled_from([31, 33, 63, 65, 100, 129]))
+
+
+@st.composite
+def kernel_cases(draw):
+    """Shape, policy and kernel variant, drawing only combinations the kernel accepts: the
+    ``rows`` variant takes at most ``MAX_ROWS_LEVELS`` levels, so where the levels (explicit, or
+    auto for the length and target) are deeper only ``slab`` is drawn. The refusal has its own
+    test (``test_rows_variant_refuses_deeper_tiles``)."""
+    seq = draw(short_lengths)
+    levels = draw(st.none() | st.integers(0, 4))
+    sinks = draw(st.integers(0, 2))
+    high_tokens = max(draw(st.integers(1, 12)), sinks)
+    resolved = haar_levels(max(1, seq - sinks), -1 if levels is None else levels, high_tokens)
+    variants = ["rows", "slab"] if resolved <= MAX_ROWS_LEVELS else ["slab"]
+    return {
+        "seq": seq,
+        "levels": levels,
+        "sinks": sinks,
+        "high_tokens": high_tokens,
+        "variant": draw(st.sampled_from(variants)),
+    }
 
 
 def reference_codes(x: torch.Tensor, policy: SitePolicy):
@@ -74,23 +97,32 @@ def run_probe(x, policy, **kwargs):
 @settings(max_examples=15)
 @given(
     batch=st.sampled_from([(1,), (2,), (2, 2)]),
-    seq=short_lengths,
+    case=kernel_cases(),
     features=st.sampled_from([1, 3, 8, 24, 40, 72]),
-    levels=st.none() | st.integers(0, 4),
-    sinks=st.integers(0, 2),
-    high_tokens=st.integers(1, 12),
     symmetric=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     split_features=st.booleans(),
-    variant=st.sampled_from(["rows", "slab"]),
     seed=seeds,
 )
+# Issue 14's case (6 auto levels), on the kernel that takes it.
+@example(
+    batch=(1,),
+    case={"seq": 63, "levels": None, "sinks": 0, "high_tokens": 1, "variant": "slab"},
+    features=1,
+    symmetric=False,
+    dtype=torch.float32,
+    split_features=False,
+    seed=0,
+)
 def test_kernel_codes_are_exact_and_output_matches_reference(
-    batch, seq, features, levels, sinks, high_tokens, symmetric, dtype, split_features, variant,
-    seed,
-):  # fmt: skip
+    batch, case, features, symmetric, dtype, split_features, seed
+):
+    seq, variant = case["seq"], case["variant"]
     policy = SitePolicy(
-        levels=levels, sink_tokens=sinks, high_tokens=max(high_tokens, sinks), symmetric=symmetric
+        levels=case["levels"],
+        sink_tokens=case["sinks"],
+        high_tokens=case["high_tokens"],
+        symmetric=symmetric,
     )
     x = randn((*batch, seq, features), seed, dtype).to(DEVICE)
     # A narrow block_d splits the features over 2-3 programs per tile: the multi-chunk schedule
@@ -103,6 +135,23 @@ def test_kernel_codes_are_exact_and_output_matches_reference(
     assert torch.equal(z_hat, ref_z_hat.reshape(rows.shape))
     assert out.dtype == dtype and out.shape == x.shape
     assert_fused_close(out, policy.apply(x, -2))
+
+
+def test_rows_variant_refuses_deeper_tiles():
+    """``variant='rows'`` with more than MAX_ROWS_LEVELS levels, explicit or auto (63 tokens
+    at target 1 resolve to 6), is refused with a clear error; ``auto`` and ``slab`` take it."""
+    x = randn((1, 63, 1), 3).to(DEVICE)
+    deeper = MAX_ROWS_LEVELS + 1
+    assert haar_levels(63, -1, 1) == deeper  # the premise: auto levels past the rows kernel
+    message = f"variant: 'rows' takes up to {MAX_ROWS_LEVELS} levels .* got {deeper} levels"
+    with pytest.raises(ValueError, match=message):
+        triton_haar.haar_fake_quant_probe(x, deeper, 0, 1, variant="rows")
+    with pytest.raises(ValueError, match=message):
+        triton_haar.haar_fake_quant(x, -1, 0, 1, variant="rows")
+    policy = SitePolicy(sink_tokens=0, high_tokens=1)
+    for variant in ("auto", "slab"):
+        out = triton_haar.haar_fake_quant(x, -1, 0, 1, variant=variant)
+        assert_fused_close(out, policy.apply(x, 1))
 
 
 @pytest.mark.parametrize("variant", ["rows", "slab"])
