@@ -52,6 +52,7 @@ compiled and timed per (workload, batch, length) and shared by its configuration
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -336,6 +337,9 @@ def measure(label, batch, model, inputs, names, grid, args, compiles, rows, used
         print(
             " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in rows[-1]), flush=True
         )
+        if args.json is not None:  # partial results survive a run cut short (device time limits)
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"partial": True, "rows": rows}, default=str))
         del out, ref
     torch._dynamo.reset()
 
