@@ -1,34 +1,61 @@
-"""What does STaMP cost end to end? backend="stamp" versus backend="inductor", same run.
+"""What does STaMP cost end to end, as users run it? backend="stamp" vs backend="inductor".
 
 Two workloads with random weights (the cost does not depend on the values):
 
 * prefill of a Llama-3-8B-shaped decoder stack (transformers ``LlamaConfig``: hidden 4096,
   intermediate 14336, 32 heads, 8 KV heads, vocab 128 so the LM head does not dominate), bf16,
-  batch 1 and 4, S = 2048; as many layers as fit comfortably (``--layers``, default: up to the
-  real 32 while the weights take at most a quarter of the free GPU memory);
+  every batch in ``--batches`` (1 4) x every length in ``--seqs`` (2048); as many layers as fit
+  comfortably (``--layers``, default: the real 32 while the weights take at most a quarter of
+  the free GPU memory);
 * one denoising step of a PixArt-Sigma-shaped DiT (28 blocks, hidden 1152 = 16 heads x 72,
-  MLP 4608, 4096 image tokens from a 128 x 128 latent with patch 2, cross-attention to 300
-  text tokens of width 4096), bf16, batch ``--dit-batch``. It is diffusers'
-  ``PixArtTransformer2DModel`` when diffusers is installed, else an equivalent stack written
-  here in plain PyTorch (F.linear + SDPA self- and cross-attention with the same shapes,
-  adaLN-single modulation); the table says which.
+  MLP 4608, 4096 image tokens from a 128 x 128 latent with patch 2, i.e. a 64 x 64 token grid,
+  cross-attention to 300 text tokens of width 4096), bf16, batch ``--dit-batch``. It is
+  diffusers' ``PixArtTransformer2DModel`` when diffusers is installed, else an equivalent
+  stack written here in plain PyTorch (F.linear + SDPA self- and cross-attention with the same
+  shapes, adaLN-single modulation); the table says which.
 
-``stamp`` is the paper's setting with this project's defaults (Haar along the sequence, levels
-chosen so 64 transformed tokens sit at 8 bits, the rest at 4, one attention-sink token for the
-causal LM) lowered with ``--kernel`` (default ``triton``: the hand-written fused kernel, the
-``inductor`` decomposition where it does not apply). Columns: median latency of each backend
-and their ratio, then the cold compile time of each (fresh Dynamo state, Inductor caches off
-and a new cache directory) and their ratio. Targets (issue): latency ratio <= 1.05, compile
-time ratio <= 1.5.
+One row per (workload, batch, length, configuration). Configurations are the options users
+pass, ``torch.compile(model, backend="stamp", options=...)`` exactly (``--configs`` for Llama,
+``--dit-configs`` for the DiT):
 
-    python -m benchmarks.bench_e2e --quick        # tiny models, seconds on a CPU
-    python -m benchmarks.bench_e2e --json e2e.json
+* ``none``: ``{}`` (no options);
+* ``hadamard``: ``{"feature_transform": "hadamard"}`` (the accurate setting);
+* ``hadamard_kv``: ``{"feature_transform": "hadamard", "quantize_kv": True}``;
+* ``haar2d_hadamard`` (the DiT's default row): ``{"transform": "haar2d", "grid": (64, 64),
+  "feature_transform": "hadamard"}``, the grid being the model's token grid. Sites whose
+  sequence is not that grid (the cross-attention K/V projections of the 300 text tokens) get the
+  plan's own rule: text K/V projections are quantized per token without a sequence transform
+  (stamp_fx/policy.py), and any other site whose static length does not fill the grid is left
+  unquantized with that reason (the ``sites`` column counts quantized sites only).
+
+The stamp side uses the library's default lowering unless ``--kernel`` names one (then it is
+added to the options as ``"kernel"``). In ``--quick`` every configuration also gets
+``high_tokens=8`` so the tiny sequences have Haar levels.
+
+Columns: quantized sites; median latency of the inductor baseline and of stamp
+(``harness.time_ms``: ``triton.testing.do_bench`` median on CUDA, no CUDA graphs) and their
+ratio; the cold compile time of each (fresh Dynamo state, Inductor caches off and a new cache
+directory; in ``--quick`` the Inductor cache is shared across the run, so later compiles are
+warm: CPU C++ compiles would not fit otherwise) and their ratio; ``SQNR dB``: the compiled stamp
+model's output against the eager fake-quant model of the same configuration (the same backend
+with ``inductor=False``: the rewritten graph run eagerly with the reference ops), i.e. proof that
+the compiled code computes the same thing (``stamp_fx.sqnr_db``, 10 log10(|ref|^2 / |out - ref|^2)
+in float64, inf when equal); ``float dB``: the same measure for the inductor baseline against the
+eager float model, the float-rounding floor of that comparison. One inductor baseline is
+compiled and timed per (workload, batch, length) and shared by its configuration rows. Targets
+(issue 11): latency ratio <= 1.05 (Llama), <= 1.10 (DiT haar2d + Hadamard), compile ratio <= 1.5.
+
+    python -m benchmarks.bench_e2e --quick        # tiny models, about a minute on a CPU
+    python -m benchmarks.bench_e2e --workloads llama --batches 1 --json e2e_llama_b1.json
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -37,8 +64,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.harness import base_parser, emit, time_ms
-from stamp_fx import StampCompiler, StampConfig
+from benchmarks.harness import base_parser, default_lowering, emit, time_ms
+from stamp_fx import StampCompiler, StampConfig, sqnr_db
+
+CONFIGS = {
+    "none": {},
+    "hadamard": {"feature_transform": "hadamard"},
+    "hadamard_kv": {"feature_transform": "hadamard", "quantize_kv": True},
+    "haar2d_hadamard": {"transform": "haar2d", "grid": None, "feature_transform": "hadamard"},
+}
+"""Options per configuration name; ``grid: None`` is filled with the workload's token grid."""
+
+
+def config_options(name: str, *, grid: tuple[int, int] | None, quick: bool) -> dict:
+    options = dict(CONFIGS[name])
+    if "grid" in options:
+        if grid is None:
+            raise SystemExit(f"config {name!r} needs a token grid; only the DiT has one")
+        options["grid"] = grid
+    if quick:
+        options["high_tokens"] = 8  # tiny sequences: a smaller 8-bit band so the Haar has levels
+    return options
 
 
 def _sync(device: str) -> None:
@@ -46,17 +92,48 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def cold_compile(model: nn.Module, inputs: dict, backend, device: str):
-    """Compile ``model`` with ``backend`` from cold; returns (compiled, seconds of the first call)."""
-    torch._dynamo.reset()
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="stamp_e2e_")
-    compiled = torch.compile(model, backend=backend)
-    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
-        start = time.perf_counter()
-        compiled(**inputs)
-        _sync(device)
-        seconds = time.perf_counter() - start
-    return compiled, seconds
+def first_tensor(out) -> torch.Tensor:
+    """The model's main output (Llama logits, the DiT's noise prediction)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return first_tensor(out[0])
+    return out.logits if hasattr(out, "logits") else first_tensor(out.to_tuple())
+
+
+class Compiles:
+    """Compiles from cold (fresh Dynamo state, Inductor caches off, a new cache directory) or,
+    with ``warm``, with one Inductor cache directory shared by every compile of the run."""
+
+    def __init__(self, device: str, *, warm: bool):
+        self.device, self.warm = device, warm
+        self.dirs: list[str] = []
+
+    def _cache_dir(self) -> str:
+        if not (self.warm and self.dirs):
+            self.dirs.append(tempfile.mkdtemp(prefix="stamp_e2e_"))
+        return self.dirs[-1]
+
+    def cleanup(self) -> None:
+        for path in self.dirs:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def compile(self, model: nn.Module, inputs: dict, **compile_kwargs):
+        """(compiled, seconds of the first call, its output)."""
+        torch._dynamo.reset()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = self._cache_dir()
+        compiled = torch.compile(model, **compile_kwargs)
+        patch = (
+            contextlib.nullcontext()
+            if self.warm
+            else torch._inductor.config.patch(force_disable_caches=True)
+        )
+        with torch.no_grad(), patch:
+            start = time.perf_counter()
+            out = compiled(**inputs)
+            _sync(self.device)
+            seconds = time.perf_counter() - start
+        return compiled, seconds, first_tensor(out).float()
 
 
 # -- Llama ------------------------------------------------------------------------------------
@@ -231,79 +308,135 @@ def dit_inputs(s: DiTShape, batch: int, device: str, dtype: torch.dtype, diffuse
 # -- driver -----------------------------------------------------------------------------------
 
 
-def compare(name, batch, model, inputs, config, args, rows) -> None:
-    stamp = StampCompiler(config, kernel=args.kernel)
-    base_fn, base_compile = cold_compile(model, inputs, "inductor", args.device)
-    base_ms = time_ms(lambda: base_fn(**inputs), device=args.device, repeat=args.repeat)
-    stamp_fn, stamp_compile = cold_compile(model, inputs, stamp, args.device)
-    stamp_ms = time_ms(lambda: stamp_fn(**inputs), device=args.device, repeat=args.repeat)
-    sites = sum(len(r.plan.sites) for r in stamp.records)
-    rows.append(
-        [name, batch, sites, base_ms, stamp_ms, stamp_ms / base_ms,
-         base_compile, stamp_compile, stamp_compile / base_compile]
-    )  # fmt: skip
-    print(rows[-1], flush=True)
+def measure(label, batch, model, inputs, names, grid, args, compiles, rows, used) -> None:
+    """One inductor baseline (compiled and timed once), then every configuration in ``names``."""
+    eager = first_tensor(model(**inputs)).float()
+    base_fn, base_compile, base_out = compiles.compile(model, inputs, backend="inductor")
+    base_ms = time_ms(lambda fn=base_fn: fn(**inputs), device=args.device, repeat=args.repeat)
+    floor = sqnr_db(eager, base_out)
+    del base_fn, base_out, eager
+    for name in names:
+        options = config_options(name, grid=grid, quick=args.quick)
+        timed = {**options, **({"kernel": args.kernel} if args.kernel else {})}
+        used[f"{label.split()[0]} {name}"] = timed
+        stamp_fn, stamp_compile, out = compiles.compile(
+            model, inputs, backend="stamp", options=timed
+        )
+        stamp_ms = time_ms(lambda fn=stamp_fn: fn(**inputs), device=args.device, repeat=args.repeat)
+        del stamp_fn
+        # The eager fake-quant model of the same configuration: the reference ops, no Inductor.
+        reference = StampCompiler(StampConfig(**options), inductor=False)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            ref = first_tensor(torch.compile(model, backend=reference)(**inputs)).float()
+        sites = sum(len(r.plan.sites) for r in reference.records)
+        rows.append(
+            [label, batch, name, sites, base_ms, stamp_ms, stamp_ms / base_ms,
+             base_compile, stamp_compile, stamp_compile / base_compile, sqnr_db(ref, out), floor]
+        )  # fmt: skip
+        print(
+            " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in rows[-1]), flush=True
+        )
+        if args.json is not None:  # partial results survive a run cut short (device time limits)
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"partial": True, "rows": rows}, default=str))
+        del out, ref
+    torch._dynamo.reset()
 
 
-def main() -> None:
+def parse_args():
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--kernel", default="triton", help="stamp lowering (see stamp_fx.lowering)")
+    parser.add_argument(
+        "--kernel", default=None,
+        help="stamp lowering, added to the options as 'kernel' (default: the library's default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--configs", nargs="*", default=["none", "hadamard", "hadamard_kv"],
+        choices=["none", "hadamard", "hadamard_kv"], help="Llama configurations",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dit-configs", nargs="*", default=["none", "haar2d_hadamard"], choices=sorted(CONFIGS),
+        help="DiT configurations",
+    )  # fmt: skip
     parser.add_argument("--layers", type=int, default=None, help="Llama layers (default: auto)")
-    parser.add_argument("--seq", type=int, default=None, help="Llama prefill length (2048)")
-    parser.add_argument("--batches", type=int, nargs="*", default=[1, 4])
+    parser.add_argument(
+        "--seqs", type=int, nargs="*", default=None, help="Llama prefill lengths (2048)"
+    )
+    parser.add_argument("--batches", type=int, nargs="*", default=None, help="Llama (1 4)")
     parser.add_argument("--dit-batch", type=int, default=1)
     parser.add_argument("--dit-layers", type=int, default=None, help="DiT blocks (28)")
     parser.add_argument(
         "--workloads", nargs="*", default=["llama", "dit"], choices=["llama", "dit"]
     )
     parser.add_argument("--repeat", type=int, default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    # --quick: a warm Inductor cache shared by the run's compiles (see Compiles).
+    compiles = Compiles(args.device, warm=args.quick)
+    try:
+        run(args, compiles)
+    finally:
+        compiles.cleanup()
+
+
+def run(args, compiles: Compiles) -> None:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     args.repeat = args.repeat or (3 if args.quick else 10)
+    # --quick: one layer / block, batch 1 and a warm Inductor cache, so the CPU run takes about
+    # a minute (each cold C++ compile of even a tiny model takes 15-30 s on two cores).
+    batches = args.batches or ([1] if args.quick else [1, 4])
+    seqs = args.seqs or ([64] if args.quick else [2048])
+    if args.quick and args.device == "cpu":
+        # A shared two-core machine: no compile worker pool to start, no OpenMP spinning.
+        torch._inductor.config.compile_threads = 1
+        torch.set_num_threads(1)
     rows: list[list] = []
-    notes = {}
+    notes, used = {}, {}
     torch.set_grad_enabled(False)
 
     if "llama" in args.workloads:
-        layers = args.layers or default_layers(args.device, dtype)
-        seq = args.seq or (64 if args.quick else 2048)
+        layers = args.layers or (1 if args.quick else default_layers(args.device, dtype))
         model = llama_stack(layers, quick=args.quick, device=args.device, dtype=dtype)
-        # Small models in --quick get a smaller high-precision band so the Haar has levels.
-        config = StampConfig(high_tokens=8) if args.quick else StampConfig()
-        for batch in args.batches:
-            ids = torch.randint(0, 128, (batch, seq), device=args.device)
-            inputs = {"input_ids": ids, "use_cache": False}
-            compare(f"llama x{layers} S={seq}", batch, model, inputs, config, args, rows)
-        notes["llama"] = f"{layers} layers, {dtype}"
+        for seq in seqs:
+            for batch in batches:
+                ids = torch.randint(0, 128, (batch, seq), device=args.device)
+                inputs = {"input_ids": ids, "use_cache": False}
+                label = f"llama x{layers} S={seq}"
+                measure(label, batch, model, inputs, args.configs, None, args, compiles, rows, used)
+        notes["llama"] = f"{layers} layers, {dtype}, LlamaForCausalLM (vocab 128), logits compared"
         del model
 
     if "dit" in args.workloads:
+        dit_layers = args.dit_layers or (1 if args.quick else None)
         model, shape, kind, is_diffusers = dit_model(
-            quick=args.quick, device=args.device, dtype=dtype, layers=args.dit_layers
+            quick=args.quick, device=args.device, dtype=dtype, layers=dit_layers
         )
         inputs = dit_inputs(shape, args.dit_batch, args.device, dtype, is_diffusers)
-        config = StampConfig(high_tokens=8) if args.quick else StampConfig()
-        tokens = (shape.latent // shape.patch) ** 2
-        compare(
-            f"DiT {shape.layers} blocks, {tokens} tokens",
-            args.dit_batch,
-            model,
-            inputs,
-            config,
-            args,
-            rows,
+        side = shape.latent // shape.patch
+        label = f"DiT x{shape.layers} {side}x{side} tokens"
+        names = args.dit_configs
+        measure(
+            label, args.dit_batch, model, inputs, names, (side, side), args, compiles, rows, used
         )
-        notes["dit"] = kind
+        notes["dit"] = f"{kind}, {shape.layers} blocks, {dtype}, {shape.text_tokens} text tokens"
 
+    kernel = args.kernel or f"{default_lowering()} (the default)"
+    compile_kind = "warm shared Inductor cache (--quick)" if args.quick else "cold"
     emit(
-        f"end to end, stamp (kernel={args.kernel}) vs inductor; DiT: {notes.get('dit', '-')}",
-        ["workload", "batch", "sites", "inductor ms", "stamp ms", "latency ratio",
-         "inductor compile s", "stamp compile s", "compile ratio"],
+        f"end to end, backend='stamp' (kernel {kernel}) vs 'inductor'; compiles {compile_kind}; "
+        f"DiT: {notes.get('dit', '-')}",
+        ["workload", "batch", "config", "sites", "inductor ms", "stamp ms", "latency ratio",
+         "inductor compile s", "stamp compile s", "compile ratio", "SQNR dB", "float dB"],
         rows,
         device=args.device,
         json_path=args.json,
-        extra={"notes": notes},
+        extra={"notes": notes, "options": used},
     )  # fmt: skip
+    for key, options in used.items():
+        print(f"- {key}: options={options}")
 
 
 if __name__ == "__main__":

@@ -31,11 +31,27 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def time_ms(fn: Callable[[], object], *, device: str, repeat: int = 10, warmup: int = 2) -> float:
-    """Median milliseconds of ``fn()``."""
+    """Median milliseconds of ``fn()``.
+
+    On CUDA ``triton.testing.do_bench`` (median; plain launches, no CUDA graphs unless ``fn``
+    replays one), its warm-up and repetition windows widened for slow calls (a whole model) so
+    the median is over at least ``repeat`` runs after at least ``warmup`` runs."""
     if device.startswith("cuda"):
         from triton.testing import do_bench
 
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        once_ms = (time.perf_counter() - start) * 1e3
+        return float(
+            do_bench(
+                fn,
+                warmup=max(25.0, warmup * once_ms),
+                rep=max(100.0, repeat * once_ms),
+                return_mode="median",
+            )
+        )
     for _ in range(warmup):
         fn()
     samples = []
@@ -44,6 +60,13 @@ def time_ms(fn: Callable[[], object], *, device: str, repeat: int = 10, warmup: 
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+def default_lowering() -> str:
+    """The lowering ``torch.compile(model, backend="stamp")`` uses with no options."""
+    from stamp_fx import StampCompiler
+
+    return StampCompiler.from_options({}).options.kernel
 
 
 def provenance(device: str) -> dict[str, object]:
