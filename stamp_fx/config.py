@@ -179,13 +179,21 @@ class StampConfig:
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able fields. ``overrides`` keep their order (it decides which wins): a
+        dict ``{pattern: spec}`` in insertion order, or a list of ``[pattern, spec]`` pairs when a
+        pattern repeats (a dict would drop the earlier one)."""
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if f.name == "overrides":
-                v = {
-                    pattern: (spec if isinstance(spec, str) else dict(spec)) for pattern, spec in v
-                }
+                pairs = [
+                    (pattern, spec if isinstance(spec, str) else dict(spec)) for pattern, spec in v
+                ]
+                patterns = [p for p, _ in pairs]
+                if len(set(patterns)) == len(patterns):
+                    v = dict(pairs)
+                else:
+                    v = [[p, spec] for p, spec in pairs]
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
@@ -209,7 +217,10 @@ class StampConfig:
         return cls(**kwargs)
 
     def to_json(self, **json_kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, **json_kwargs)
+        """Fields in sorted order; never ``sort_keys`` (it would also sort the override
+        patterns, whose order decides which one wins)."""
+        data = self.to_dict()
+        return json.dumps({k: data[k] for k in sorted(data)}, **json_kwargs)
 
     @classmethod
     def from_json(cls, text: str) -> StampConfig:
@@ -232,7 +243,10 @@ POLICY_FIELDS = (
 
 
 def _normalize_overrides(overrides: Any) -> tuple[tuple[str, Any], ...]:
-    """Validate overrides into a hashable tuple of (pattern, "skip" | sorted (field, value) pairs)."""
+    """Validate overrides into a hashable tuple of (pattern, "skip" | sorted (field, value) pairs).
+
+    The order of the patterns is kept (later ones win over earlier ones for the fields they
+    set); only the fields inside one pattern's spec are sorted, where order means nothing."""
     import re
 
     items = overrides.items() if isinstance(overrides, dict) else overrides

@@ -310,11 +310,7 @@ class SensitivityObserver:
         fqn, _, slot = key.rpartition(":")
         if slot != "in":
             return None
-        weight = getattr(self.model.get_submodule(fqn), "weight", None)
-        if weight is None or weight.ndim != 2:
-            return None
-        # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
-        return weight.T if weight.shape[1] == features else weight
+        return linear_projection(self.model.get_submodule(fqn), features)
 
     @torch.no_grad()
     def observe(self, x: Tensor, keys: tuple[str, ...], seq_dim: int) -> Tensor:
@@ -368,6 +364,28 @@ class SensitivityObserver:
                 if key in weights:
                     fisher = 0.5 * float((weights[key] * diff.to(torch.float32).square()).sum())
                     s.fisher[option] = s.fisher.get(option, 0.0) + fisher
+
+
+def linear_projection(module: torch.nn.Module, features: int) -> Tensor | None:
+    """``M`` with ``module(x) = x @ M + b`` for ``features`` input channels, decided by the
+    module type, never by the weight's shape alone (a square weight fits either layout):
+    ``nn.Linear`` (and subclasses) store ``[out, in]``, GPT-2's ``Conv1D`` stores ``[in, out]``.
+    Another module type is used only when its layout is unambiguous (one weight dim equals
+    ``features`` and the other does not); otherwise None, and the error is measured on the
+    activation itself, like a K/V site."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or weight.ndim != 2:
+        return None
+    if isinstance(module, torch.nn.Linear):
+        return weight.T
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return weight  # transformers.pytorch_utils.Conv1D: x @ weight + bias
+    rows, cols = weight.shape
+    if cols == features and rows != features:
+        return weight.T
+    if rows == features and cols != features:
+        return weight
+    return None
 
 
 def _energy(t: Tensor, proj: Tensor | None) -> float:
