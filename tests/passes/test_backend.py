@@ -328,3 +328,26 @@ def test_calibrate_range_metric_differs_from_energy_and_keeps_budget():
     assert any(plans["energy"].sites[k].bands != plans["range"].sites[k].bands for k in plans["energy"].sites)
     with pytest.raises(ValueError, match="allocation_metric: unknown 'l1'; valid: energy, range"):
         StampConfig(allocation_metric="l1")
+
+
+def test_klt_eigendecomposition_runs_once_per_length_across_forwards():
+    from unittest import mock
+
+    model, _ = models.llama(layers=1, seq=12)
+    batches = [{"input_ids": models._ids(1, 12, s)} for s in range(2)]
+    torch._dynamo.reset()
+    plan = stamp_fx.calibrate(model, batches, transform="klt", high_tokens=4, show_progress=False)
+    n_tensors = len({p.autocorr_key for p in plan.sites.values()})
+    assert n_tensors >= 3
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=StampCompiler(inductor=False, plan=plan))
+    with mock.patch("torch.linalg.eigh", wraps=torch.linalg.eigh) as eigh, torch.no_grad():
+        first = compiled(**batches[0]).logits
+        assert eigh.call_count == n_tensors  # one basis per autocorrelation at this length
+        for _ in range(3):
+            torch.testing.assert_close(compiled(**batches[0]).logits, first, rtol=0, atol=0)
+        assert eigh.call_count == n_tensors  # cached: no eigh on later forwards
+        compiled(input_ids=models._ids(1, 7, 0))
+        assert eigh.call_count == 2 * n_tensors  # a new length: one more basis each
+        compiled(input_ids=models._ids(1, 7, 1))
+        assert eigh.call_count == 2 * n_tensors
