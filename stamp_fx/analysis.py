@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 __all__ = [
     "Site",
@@ -420,10 +421,20 @@ def _activation(gm: fx.GraphModule, lin: fx.Node) -> object:
     return lin.args[ops[0]] if ops else None
 
 
+def _static_int(size: object) -> int | None:
+    """An int for a static size, including a SymInt that Dynamo specialised to a constant (a
+    dim marked dynamic that a weight's shape pinned); None for a truly symbolic size."""
+    if isinstance(size, int):
+        return int(size)
+    if isinstance(size, torch.SymInt) and is_concrete_int(size):
+        return int(size)
+    return None
+
+
 def _feature_count(weight: object, node: fx.Node, index: int) -> int | None:
     t = _example(node.args[index])
-    if t is not None and t.ndim >= 1 and isinstance(t.shape[-1], int):
-        return int(t.shape[-1])
+    if t is not None and t.ndim >= 1:
+        return _static_int(t.shape[-1])
     return None
 
 
@@ -462,9 +473,7 @@ def _kv_sites(cores: Iterable[AttentionCore], cross_cores: set[fx.Node]) -> list
                     origin=arg if reason is None else None,
                     seq_dim=2 if reason is None else None,
                     shape=_shape_str(t),
-                    features=int(t.shape[-1])
-                    if t is not None and isinstance(t.shape[-1], int)
-                    else None,
+                    features=_static_int(t.shape[-1]) if t is not None and t.ndim else None,
                     in_block=_in_block(fqn),
                     cross=cross,
                     reason=reason,

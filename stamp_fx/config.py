@@ -23,7 +23,14 @@ from typing import Any
 from .quantizer import MAX_BITS, MIN_BITS, TokenBits, validate_bits
 from .transforms import FEATURE_TRANSFORMS, SequenceTransform, available_transforms, make_transform
 
-__all__ = ["CONFIG_VERSION", "POLICY_FIELDS", "StampConfig", "BackendOptions", "from_options"]
+__all__ = [
+    "CONFIG_VERSION",
+    "POLICY_FIELDS",
+    "SOLVER_FIELDS",
+    "StampConfig",
+    "BackendOptions",
+    "from_options",
+]
 
 CONFIG_VERSION = 1
 ALLOCATION_METRICS = ("energy", "range")
@@ -285,6 +292,32 @@ def _normalize_overrides(overrides: Any) -> tuple[tuple[str, Any], ...]:
             raise ValueError(f"overrides[{pattern!r}]: {err}") from None
         out.append((pattern, pairs))
     return tuple(out)
+
+
+SOLVER_FIELDS = ("avg_bits", "allowed_bits", "allocation_metric")
+"""StampConfig fields that only the calibrated bit-allocation solver reads
+(``stamp_fx.calibrate`` / ``stamp_fx.tune``); the compile-time backend rejects them."""
+
+
+def solver_fields_set(config: StampConfig) -> list[str]:
+    """The :data:`SOLVER_FIELDS` of ``config`` that differ from their defaults."""
+    default = StampConfig()
+    return [name for name in SOLVER_FIELDS if getattr(config, name) != getattr(default, name)]
+
+
+def reject_solver_options(names: list[str] | tuple[str, ...]) -> None:
+    """Raise for solver options given to the compile-time backend, which cannot honour them
+    (the solver needs calibrated per-site energies; no default energy model stands in)."""
+    if not names:
+        return
+    listed = ", ".join(names)
+    raise ValueError(
+        f"{listed}: the bit-allocation solver needs calibrated energies and does not run at "
+        f"compile time, so {'this option is' if len(names) == 1 else 'these options are'} not "
+        "accepted by the backend. Calibrate first: plan = stamp_fx.calibrate(model, batches, "
+        "avg_bits=...) (or stamp_fx.tune(model, batches, avg_bits=...).plan), then "
+        "torch.compile(model, backend='stamp', options={'plan': plan})"
+    )
 
 
 @dataclass(frozen=True, slots=True)

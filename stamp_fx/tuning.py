@@ -524,7 +524,8 @@ def tune(
     option exists; options below a site's sinks or with ``low_bits`` above its ``high_bits``
     are skipped for that site. ``objective`` picks the error the solver minimises (see the
     module docstring); ``loss_fn(model, batch) -> scalar`` is the loss of ``"fisher"`` (default
-    :func:`next_token_loss`). ``options`` are the backend's policy options.
+    :func:`next_token_loss`). ``options`` are the backend's policy options and ``debug_dir``;
+    ``plan``, ``kernel``, ``mode`` and ``inductor`` raise (tuning builds the plan, eagerly).
     """
     obj = _check_objective(objective)
     if (
@@ -533,7 +534,7 @@ def tune(
         or not math.isfinite(avg_bits)
     ):
         raise ValueError(f"avg_bits must be a finite number, got {avg_bits!r}")
-    config = merged_config(config, options)
+    config, debug_dir = merged_config(config, options, what="tune")
     highs = _check_grid(high_token_grid, "high_token_grid", _check_high_tokens)
     lows = _check_grid(
         (config.low_bits,) if low_bits_grid is None else low_bits_grid,
@@ -562,6 +563,7 @@ def tune(
         desc=f"stamp tune: sensitivity ({obj.name})",
         show_progress=show_progress,
         after_batch=after_batch,
+        debug_dir=debug_dir,
     )
     return solve(
         observer.sites,
