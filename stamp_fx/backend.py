@@ -18,7 +18,7 @@ from typing import Any
 from torch import fx
 
 from . import ops as _ops  # noqa: F401  (registers the stamp:: ops)
-from .analysis import Site, find_sites, looks_causal
+from .analysis import Site, find_sites, looks_causal, unrecognised_linears
 from .config import (
     SOLVER_FIELDS,
     BackendOptions,
@@ -137,6 +137,13 @@ class StampCompiler:
             plan, conflicts = fit_plan(sites, self.plan)
         else:
             plan, conflicts = plan_sites(sites, self.config, causal=causal)
+        missed = _unrecognised_linears(gm)
+        if missed:
+            warnings.warn(
+                f"stamp: {len(missed)} matmul-like call(s) on parameters are not recognised as "
+                f"linear layers and run unquantized: {_few(missed)}",
+                stacklevel=2,
+            )
         if not any(s.slot == "in" for s in sites):
             warnings.warn(
                 "stamp: the graph has no linear layers; compiling it without STaMP", stacklevel=2
@@ -226,6 +233,13 @@ def _warn_unhandled(sites: Sequence[Site], plan: AllocationPlan) -> None:
         warnings.warn(
             f"stamp: {len(bad)} site(s) compiled without STaMP: {listing}{more}", stacklevel=3
         )
+
+
+def _unrecognised_linears(gm: fx.GraphModule) -> list[str]:
+    try:
+        return unrecognised_linears(gm)
+    except Exception:  # a diagnostic must never take the compile down
+        return []
 
 
 def _few(keys: Sequence[str], n: int = 5) -> str:
