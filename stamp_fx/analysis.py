@@ -13,9 +13,12 @@ around attention (``q``, ``k``, ``v``, ``qkv`` for fused projections, ``attn_out
 input, ``other``), whether it sits inside the repeated blocks, its sequence axis, and a
 ``reason`` when it cannot be quantized (legality only; the plan decides policy).
 
-Sequence axis: a rank-3 ``[B, S, D]`` input has ``seq_dim=1``. A flattened ``[B*S, D]`` input is
-traced back through one view/reshape to its ``[B, S, D]`` origin (``origin`` is then that node and
-the pass re-applies the view); anything else is not quantized, with a reason.
+Sequence axis: a rank-3 ``[B, S, D]`` input has ``seq_dim=1``. Another input (a flattened
+``[B*S, D]``, an unflattened ``[B, H, W, D]``) is traced back through a chain of
+view/reshape/flatten/unflatten/contiguous/transpose/permute ops that keep the features last to its
+earliest ``[B, S, D]`` origin (``origin`` is then that node and the pass re-applies the chain);
+anything else is not quantized, with a reason. :func:`unrecognised_linears` names matmul-family
+calls on parameters that are not recognised as linear layers (the backend warns about them).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 __all__ = [
     "Site",
@@ -36,17 +40,31 @@ __all__ = [
     "find_attention_cores",
     "module_fqn",
     "looks_causal",
+    "unrecognised_linears",
 ]
 
 _LINEAR_FUNCTIONS = {torch._C._nn.linear, F.linear, torch.ops.aten.linear.default}
-# target -> (index of the activation, index of the weight)
+# target -> (index of the activation, index of the weight): ``activation @ weight``
 _MATMUL_FUNCTIONS = {
     torch.addmm: (1, 2),
     torch.ops.aten.addmm.default: (1, 2),
+    torch.baddbmm: (1, 2),
     torch.mm: (0, 1),
+    torch.ops.aten.mm.default: (0, 1),
+    torch.bmm: (0, 1),
+    torch.ops.aten.bmm.default: (0, 1),
     torch.matmul: (0, 1),
     operator.matmul: (0, 1),
 }
+_MATMUL_METHODS = {"matmul": (0, 1), "mm": (0, 1), "bmm": (0, 1), "__matmul__": (0, 1)}
+_EINSUM_FUNCTIONS = {torch.einsum, torch.functional.einsum}
+# What a weight may pass through on its way to a matmul (transposes, casts, broadcasts).
+_WEIGHT_METHODS = {
+    "to", "t", "float", "half", "bfloat16", "transpose", "permute", "expand", "unsqueeze",
+    "contiguous", "detach", "type_as", "view", "reshape",
+}  # fmt: skip
+_WEIGHT_FUNCTIONS = {torch.t, torch.transpose, torch.permute, torch.unsqueeze}
+_WEIGHT_ATTRS = {"T", "mT", "H", "mH"}
 _SDPA_FUNCTIONS = {
     torch._C._nn.scaled_dot_product_attention,
     F.scaled_dot_product_attention,
@@ -86,8 +104,6 @@ _LAYOUT_METHODS = {
     "bfloat16",
 }
 _LAYOUT_FUNCTIONS = {torch.transpose, torch.reshape, torch.permute, torch.flatten, F.dropout}
-_FLATTEN_METHODS = {"view", "reshape", "flatten"}
-_FLATTEN_FUNCTIONS = {torch.reshape, torch.flatten}
 
 _MAX_TRACE_NODES = 64
 
@@ -102,9 +118,14 @@ class Site:
     consumer: fx.Node  # the linear / attention node that reads the tensor
     arg_index: int  # position of the tensor in consumer.args
     origin: fx.Node | None  # the [B, S, D] tensor to quantize (None when not quantizable)
-    reshape: fx.Node | None = (
-        None  # a view/reshape between origin and consumer, re-applied after quantizing
-    )
+    reshape: fx.Node | None = None  # the last node of ``chain`` (what the consumer reads)
+    chain: tuple[
+        fx.Node, ...
+    ] = ()  # layout ops from origin to consumer, re-applied after quantizing
+    unflatten: fx.Node | None = None
+    """For a ``[B*S, F]`` origin with no ``[B, S, F]`` tensor in the graph (an MLP's second
+    linear after a row-wise activation): the ``[B, S, *]`` tensor whose two leading sizes the
+    pass unflattens the origin by before quantizing (and flattens back after)."""
     seq_dim: int | None = None
     shape: tuple[str, ...] = ()
     features: int | None = None
@@ -176,9 +197,16 @@ def _is_weight(gm: fx.GraphModule, node: object) -> bool:
     """True for a parameter: a lifted placeholder, a get_attr, possibly behind a dtype cast."""
     if not isinstance(node, fx.Node):
         return False
-    if node.op == "call_method" and node.target in ("to", "t", "float", "half", "bfloat16"):
+    if node.op == "call_method" and node.target in _WEIGHT_METHODS:
         return _is_weight(gm, node.args[0])
-    if node.op == "call_function" and node.target in (torch.t, torch.transpose):
+    if node.op == "call_function" and node.target in _WEIGHT_FUNCTIONS:
+        return _is_weight(gm, node.args[0])
+    if (
+        node.op == "call_function"
+        and node.target is getattr
+        and len(node.args) == 2
+        and node.args[1] in _WEIGHT_ATTRS
+    ):
         return _is_weight(gm, node.args[0])
     if node.op == "get_attr":
         try:
@@ -243,11 +271,22 @@ def _trace_forward(start: fx.Node, stop) -> set[fx.Node]:
 
 
 def _linear_operands(gm: fx.GraphModule, node: fx.Node) -> tuple[int, object] | None:
-    """(activation arg index, weight) if ``node`` is a linear layer, else None."""
+    """(activation arg index, weight) if ``node`` is a linear layer, else None.
+
+    A linear layer is ``F.linear`` / ``nn.Linear``, or ``activation @ weight`` written with
+    ``@`` / ``matmul`` / ``mm`` / ``bmm`` / ``addmm`` / ``baddbmm`` (GPT-2's ``Conv1D``, an
+    ``nn.Linear`` subclass whose forward is ``x @ self.weight.T + self.bias``), or a two-operand
+    ``einsum`` that contracts the activation's last axis with a weight; the weight is a parameter,
+    possibly behind a transpose, cast or broadcast (``.T``, ``.t()``, ``.to()``, ``.expand()``)."""
     if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
         return 0, node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    if node.op == "call_function" and node.target in _MATMUL_FUNCTIONS:
-        xi, wi = _MATMUL_FUNCTIONS[node.target]
+    indices = None
+    if node.op == "call_function":
+        indices = _MATMUL_FUNCTIONS.get(node.target)
+    elif node.op == "call_method":
+        indices = _MATMUL_METHODS.get(str(node.target))
+    if indices is not None:
+        xi, wi = indices
         if (
             len(node.args) > wi
             and _is_weight(gm, node.args[wi])
@@ -255,11 +294,73 @@ def _linear_operands(gm: fx.GraphModule, node: fx.Node) -> tuple[int, object] | 
         ):
             return xi, node.args[wi]
         return None
+    if node.op == "call_function" and node.target in _EINSUM_FUNCTIONS:
+        return _einsum_operands(gm, node)
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         if isinstance(mod, torch.nn.Linear):
             return 0, mod.weight
     return None
+
+
+def _einsum_operands(gm: fx.GraphModule, node: fx.Node) -> tuple[int, object] | None:
+    """``einsum("...d,ed->...e", x, w)``-style: two positional operands, one a weight, the
+    activation's last subscript contracted with the weight (so its last axis is the features)."""
+    if len(node.args) != 3 or not isinstance(node.args[0], str):
+        return None
+    equation = node.args[0].replace(" ", "")
+    lhs, arrow, out = equation.partition("->")
+    subs = lhs.split(",")
+    if len(subs) != 2:
+        return None
+    weights = [_is_weight(gm, a) for a in node.args[1:]]
+    if weights.count(True) != 1:
+        return None
+    wi = weights.index(True)
+    xi = 1 - wi
+    x_sub, w_sub = subs[xi], subs[wi]
+    if not x_sub or not x_sub[-1].isalpha():
+        return None
+    last = x_sub[-1]
+    contracted = (last not in out) if arrow else (lhs.count(last) > 1)
+    if last not in w_sub or not contracted:
+        return None
+    return xi + 1, node.args[wi + 1]
+
+
+def _is_linear_like(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A matmul-family call with a parameter operand (linear or not): what a model's linears
+    look like when :func:`_linear_operands` does not recognise them."""
+    if node.op == "call_function":
+        family = (
+            node.target in _LINEAR_FUNCTIONS
+            or node.target in _MATMUL_FUNCTIONS
+            or node.target in _EINSUM_FUNCTIONS
+        )
+    else:
+        family = node.op == "call_method" and str(node.target) in _MATMUL_METHODS
+    if not family:
+        return False
+    operands = [a for a in node.args if isinstance(a, fx.Node)]
+    for a in node.args:
+        if isinstance(a, (list, tuple)):
+            operands.extend(x for x in a if isinstance(x, fx.Node))
+    return any(_is_weight(gm, a) for a in operands)
+
+
+def unrecognised_linears(gm: fx.GraphModule) -> list[str]:
+    """``"<module FQN> (<op>)"`` for every matmul-family call on a parameter that is not
+    recognised as a linear layer's input (so it is never quantized)."""
+    out = []
+    for node in gm.graph.nodes:
+        if _is_linear_like(gm, node) and _linear_operands(gm, node) is None:
+            op = (
+                node.target
+                if isinstance(node.target, str)
+                else getattr(node.target, "__name__", str(node.target))
+            )
+            out.append(f"{module_fqn(node) or node.name} ({op})")
+    return out
 
 
 def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -336,30 +437,152 @@ def _in_block(fqn: str) -> bool:
     return any(part.isdigit() for part in fqn.split("."))
 
 
+_CHAIN_METHODS = {"view", "reshape", "flatten", "unflatten", "contiguous", "transpose", "permute"}
+_CHAIN_FUNCTIONS = {torch.reshape, torch.flatten, torch.unflatten, torch.transpose, torch.permute,
+                    torch.Tensor.contiguous}  # fmt: skip
+
+
+def _is_chain_op(node: object) -> bool:
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in _CHAIN_METHODS
+    return node.op == "call_function" and node.target in _CHAIN_FUNCTIONS
+
+
+def _moves_last_axis(node: fx.Node, ndim: int) -> bool:
+    """Whether a transpose/permute moves the input's last axis (the features) elsewhere."""
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    dims = list(node.args[1:])
+    if name == "transpose":
+        return any(isinstance(d, int) and d % ndim == ndim - 1 for d in dims[:2])
+    if name == "permute":
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = list(dims[0])
+        return not dims or not isinstance(dims[-1], int) or dims[-1] % ndim != ndim - 1
+    return False
+
+
+_ROWWISE_FUNCTIONS = {
+    F.gelu, F.relu, F.silu, F.mish, F.dropout, F.layer_norm, torch.tanh, torch.sigmoid,
+    torch.relu, torch.nn.functional.hardswish, operator.mul, operator.add, operator.sub,
+    operator.truediv, torch.mul, torch.add, torch.sub,
+}  # fmt: skip
+_ROWWISE_METHODS = {"relu", "tanh", "sigmoid", "to", "float", "half", "bfloat16", "contiguous",
+                    "mul", "add", "sub", "div", "type_as"}  # fmt: skip
+
+
+def _same_size(a: object, b: object) -> bool:
+    """Size equality without guarding on symbolic sizes (compared as expressions)."""
+    sa, sb = _static_int(a), _static_int(b)
+    if sa is not None and sb is not None:
+        return sa == sb
+    return str(a) == str(b)
+
+
+def _flatten_source(node: fx.Node) -> fx.Node | None:
+    """The earliest rank-3 tensor that ``node`` (rank 2) is a flattening of, through chain ops
+    that keep its last axis; None if there is none."""
+    t = _example(node)
+    feat = _static_int(t.shape[-1]) if t is not None and t.ndim else None
+    best = None
+    for _ in range(_MAX_TRACE_NODES):
+        if not _is_chain_op(node):
+            break
+        src = node.args[0]
+        src_t = _example(src)
+        if src_t is None or src_t.ndim == 0 or _moves_last_axis(node, src_t.ndim):
+            break
+        if feat is None or _static_int(src_t.shape[-1]) != feat:
+            break
+        if src_t.ndim == 3:
+            best = src
+        node = src
+    return best
+
+
+def _row_source(gm: fx.GraphModule, x: fx.Node) -> fx.Node | None:
+    """For a ``[N, F]`` activation: a ``[B, S, *]`` tensor with ``B * S == N`` that ``x``'s rows
+    come from through row-wise ops (activations, norms, elementwise arithmetic, linears), found
+    where an ancestor is a flattening of it; None if there is none."""
+    rows = _example(x).shape[0]
+    todo, seen = [x], set()
+    while todo and len(seen) < _MAX_TRACE_NODES:
+        n = todo.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        t = _example(n)
+        if t is None or t.ndim != 2 or not _same_size(t.shape[0], rows):
+            continue
+        src = _flatten_source(n)
+        if src is not None:
+            st = _example(src)
+            if _same_size(st.shape[0] * st.shape[1], rows):
+                return src
+        operands = _linear_operands(gm, n)
+        if operands is not None:
+            todo.append(n.args[operands[0]])
+        elif (n.op == "call_function" and n.target in _ROWWISE_FUNCTIONS) or (
+            n.op == "call_method" and n.target in _ROWWISE_METHODS
+        ):
+            todo.extend(a for a in n.args if isinstance(a, fx.Node))
+    return None
+
+
 def _sequence_origin(
-    x: object, features: int | None
-) -> tuple[fx.Node | None, fx.Node | None, int | None, str | None]:
-    """(origin, reshape, seq_dim, reason) for the activation argument of a linear."""
+    x: object, features: int | None, gm: fx.GraphModule | None = None
+) -> tuple[fx.Node | None, tuple[fx.Node, ...], int | None, str | None, fx.Node | None]:
+    """(origin, chain, seq_dim, reason) for the activation argument of a linear.
+
+    A rank-3 input is ``[batch, seq, features]`` itself. Any other input is traced back through
+    a chain of view / reshape / flatten / unflatten / contiguous / transpose / permute ops that
+    keep the features as the last axis (e.g. ``[B, S, D] -> [B*S, D]``, or a transpose of the
+    leading axes first) to the earliest ``[batch, seq, features]`` tensor on it: that is the
+    origin, quantized along its axis 1, and the chain (origin's user first) is re-applied.
+    A ``[B*S, F]`` input with no such chain whose rows come from one through row-wise ops
+    (:func:`_row_source`) is its own origin, unflattened to ``[B, S, F]`` by the pass (the last
+    element names the tensor that gives ``B`` and ``S``)."""
     t = _example(x)
     if not isinstance(x, fx.Node) or t is None:
-        return None, None, None, "activation has no example value"
+        return None, (), None, "activation has no example value", None
     if t.ndim == 3:
-        return x, None, 1, None
-    if t.ndim == 2:
-        is_flatten = (x.op == "call_method" and x.target in _FLATTEN_METHODS) or (
-            x.op == "call_function" and x.target in _FLATTEN_FUNCTIONS
-        )
-        src = x.args[0] if x.args else None
+        return x, (), 1, None, None
+    feat = _static_int(t.shape[-1]) if t.ndim else None
+    chain: list[fx.Node] = []
+    best: tuple[fx.Node, tuple[fx.Node, ...]] | None = None
+    node = x
+    while _is_chain_op(node) and len(chain) < _MAX_TRACE_NODES:
+        src = node.args[0]
         src_t = _example(src)
-        if is_flatten and src_t is not None and src_t.ndim == 3 and src_t.shape[-1] == t.shape[-1]:
-            return src, x, 1, None
+        if src_t is None or src_t.ndim == 0 or _moves_last_axis(node, src_t.ndim):
+            break
+        if feat is None or _static_int(src_t.shape[-1]) != feat:
+            break  # the chain splits or merges the features
+        chain.insert(0, node)
+        if src_t.ndim == 3:
+            best = (src, tuple(chain))
+        node = src
+    if best is not None:
+        return best[0], best[1], 1, None, None
+    if t.ndim == 2:
+        source = _row_source(gm, x) if gm is not None else None
+        if source is not None:
+            return x, (), 1, None, source
         return (
             None,
-            None,
+            (),
             None,
             "input is [tokens, features] with no [batch, seq, features] origin (no sequence axis)",
+            None,
         )
-    return None, None, None, f"input has rank {t.ndim}; expected [batch, seq, features]"
+    return (
+        None,
+        (),
+        None,
+        f"input has rank {t.ndim} and no [batch, seq, features] origin; expected [batch, seq, features]",
+        None,
+    )
 
 
 def find_sites(gm: fx.GraphModule) -> list[Site]:
@@ -392,7 +615,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         fqn = module_fqn(node) or str(node.target if node.op == "call_module" else node.name)
         features = _feature_count(weight, node, index)
         role = _role(roles.get(node, set()), node in cross_linears, _in_block(fqn))
-        origin, reshape, seq_dim, reason = _sequence_origin(node.args[index], features)
+        origin, chain, seq_dim, reason, unflatten = _sequence_origin(node.args[index], features, gm)
         sites.append(
             Site(
                 fqn=fqn,
@@ -401,9 +624,13 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
                 consumer=node,
                 arg_index=index,
                 origin=origin,
-                reshape=reshape,
+                reshape=chain[-1] if chain else None,
+                chain=chain,
+                unflatten=unflatten,
                 seq_dim=seq_dim,
-                shape=_shape_str(_example(origin if origin is not None else node.args[index])),
+                shape=_unflattened_shape(origin, unflatten)
+                if unflatten is not None
+                else _shape_str(_example(origin if origin is not None else node.args[index])),
                 features=features,
                 in_block=_in_block(fqn),
                 cross=node in cross_linears,
@@ -415,15 +642,30 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
     return sites
 
 
+def _unflattened_shape(origin: fx.Node, source: fx.Node) -> tuple[str, ...]:
+    src = _example(source)
+    return (str(src.shape[0]), str(src.shape[1]), str(_example(origin).shape[-1]))
+
+
 def _activation(gm: fx.GraphModule, lin: fx.Node) -> object:
     ops = _linear_operands(gm, lin)
     return lin.args[ops[0]] if ops else None
 
 
+def _static_int(size: object) -> int | None:
+    """An int for a static size, including a SymInt that Dynamo specialised to a constant (a
+    dim marked dynamic that a weight's shape pinned); None for a truly symbolic size."""
+    if isinstance(size, int):
+        return int(size)
+    if isinstance(size, torch.SymInt) and is_concrete_int(size):
+        return int(size)
+    return None
+
+
 def _feature_count(weight: object, node: fx.Node, index: int) -> int | None:
     t = _example(node.args[index])
-    if t is not None and t.ndim >= 1 and isinstance(t.shape[-1], int):
-        return int(t.shape[-1])
+    if t is not None and t.ndim >= 1:
+        return _static_int(t.shape[-1])
     return None
 
 
@@ -462,9 +704,7 @@ def _kv_sites(cores: Iterable[AttentionCore], cross_cores: set[fx.Node]) -> list
                     origin=arg if reason is None else None,
                     seq_dim=2 if reason is None else None,
                     shape=_shape_str(t),
-                    features=int(t.shape[-1])
-                    if t is not None and isinstance(t.shape[-1], int)
-                    else None,
+                    features=_static_int(t.shape[-1]) if t is not None and t.ndim else None,
                     in_block=_in_block(fqn),
                     cross=cross,
                     reason=reason,

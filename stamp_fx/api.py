@@ -18,6 +18,7 @@ import torch
 from .backend import StampCompiler
 from .calibrate import EnergyObserver, run_batch
 from .config import StampConfig, from_options
+from .debug import format_site_table
 from .plan import AllocationPlan
 from .progress import progress
 
@@ -42,8 +43,18 @@ def explain(
     **options: Any,
 ) -> Explanation:
     """Print (and return) the site table for ``model`` on ``example_inputs``; keyword
-    arguments are the backend's options (``transform=``, ``quantize_kv=``, ``overrides=``, ...)."""
+    arguments are the backend's options (``transform=``, ``quantize_kv=``, ``overrides=``, ...).
+
+    ``plan`` and ``debug_dir`` are honoured; ``avg_bits`` (with ``allowed_bits`` /
+    ``allocation_metric``) solves the bits on these inputs and the table shows them. explain
+    never runs Inductor, so ``kernel``, ``mode`` and ``inductor=True`` raise."""
+    if options.get("inductor", False) is not False:
+        raise ValueError(
+            f"inductor: explain runs the graph without Inductor; got inductor={options['inductor']!r} "
+            "(leave it out, or compile with torch.compile(model, backend='stamp') to use Inductor)"
+        )
     options.pop("inductor", None)
+    _reject_backend_options("explain", options, ("kernel", "mode"))
     config, backend = from_options(options)
     observer = EnergyObserver()
     compiler = StampCompiler(
@@ -62,9 +73,9 @@ def explain(
     )
     with torch.no_grad():
         run_batch(compiled, batch)
-    plan = observer.finalize(compiler.merged_plan(), config.replace(avg_bits=None))
+    plan = observer.finalize(compiler.merged_plan(), config)
     fractions = plan.meta.get("energy_fraction", {})
-    tables = [rec.site_table(fractions) for rec in compiler.records]
+    tables = [format_site_table(rec.sites, plan, fractions) for rec in compiler.records]
     table = "\n\n".join(f"graph {i}:\n{t}" if len(tables) > 1 else t for i, t in enumerate(tables))
     if print_table:
         print(table)
@@ -83,9 +94,11 @@ def calibrate(
     """Run ``batches`` through ``model`` and return a calibrated plan (see the module docstring).
 
     ``options`` are the backend's policy options (``transform=``, ``avg_bits=``, ...), merged
-    over ``config``.
+    over ``config``, and ``debug_dir`` (graph dumps of the calibration graphs); the other
+    backend options (``plan``, ``kernel``, ``mode``, ``inductor``) raise: calibration builds
+    the plan and runs without Inductor.
     """
-    config = merged_config(config, options)
+    config, debug_dir = merged_config(config, options, what="calibrate")
     observer = EnergyObserver()
     compiler = run_observed(
         model,
@@ -95,13 +108,36 @@ def calibrate(
         causal=causal,
         desc="stamp calibrate",
         show_progress=show_progress,
+        debug_dir=debug_dir,
     )
     return observer.finalize(compiler.merged_plan(), config)
 
 
-def merged_config(config: StampConfig | None, options: dict[str, Any]) -> StampConfig:
-    """``options`` (validated like the backend's) merged over ``config``."""
-    return from_options({**options, **({"config": config} if config is not None else {})})[0]
+_CALIBRATION_ONLY_BACKEND = ("plan", "kernel", "mode", "inductor")
+
+
+def _reject_backend_options(what: str, options: dict[str, Any], names: tuple[str, ...]) -> None:
+    given = [k for k in names if k in options]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: {what} does not accept "
+            f"{'this backend option' if len(given) == 1 else 'these backend options'} (it runs "
+            "the model eagerly in observer mode to build a plan); pass "
+            f"{'it' if len(given) == 1 else 'them'} to torch.compile(model, backend='stamp', "
+            "options={...}) with the plan instead. Accepted here: the policy options and debug_dir"
+        )
+
+
+def merged_config(
+    config: StampConfig | None, options: dict[str, Any], *, what: str = "calibrate"
+) -> tuple[StampConfig, str | None]:
+    """``options`` (validated like the backend's) merged over ``config``, and ``debug_dir``.
+    The backend options a calibration run cannot honour raise (see :func:`calibrate`)."""
+    _reject_backend_options(what, options, _CALIBRATION_ONLY_BACKEND)
+    config, backend = from_options(
+        {**options, **({"config": config} if config is not None else {})}
+    )
+    return config, backend.debug_dir
 
 
 def run_observed(
@@ -114,6 +150,7 @@ def run_observed(
     desc: str,
     show_progress: bool,
     after_batch: Callable[[Any], None] | None = None,
+    debug_dir: str | None = None,
 ) -> StampCompiler:
     """Compile ``model`` in observer mode (no Inductor), run every batch without gradients and
     return the compiler (its records hold the sites and plans the observer saw).
@@ -123,7 +160,9 @@ def run_observed(
     batches = list(batches)
     if not batches:
         raise ValueError(f"{desc}: needs at least one batch")
-    compiler = StampCompiler(config, inductor=False, observer=observer, causal=causal)
+    compiler = StampCompiler(
+        config, inductor=False, observer=observer, causal=causal, debug_dir=debug_dir
+    )
     compiled = torch.compile(model, backend=compiler)
     with torch.no_grad():
         for batch in progress(batches, desc=desc, enabled=show_progress):

@@ -18,13 +18,20 @@ from typing import Any
 from torch import fx
 
 from . import ops as _ops  # noqa: F401  (registers the stamp:: ops)
-from .analysis import Site, find_sites, looks_causal
-from .config import BackendOptions, StampConfig, from_options
+from .analysis import Site, find_sites, looks_causal, unrecognised_linears
+from .config import (
+    SOLVER_FIELDS,
+    BackendOptions,
+    StampConfig,
+    from_options,
+    reject_solver_options,
+    solver_fields_set,
+)
 from .debug import DebugWriter, format_site_table, resolve_debug_dir
 from .lowering import DEFAULT_LOWERING, get_lowering
 from .passes import EAGER_PASSES, PASSES, PassContext, PassRecord, run_passes
 from .plan import AllocationPlan, load_plan
-from .policy import build_plan
+from .policy import fit_plan, plan_sites
 
 __all__ = ["StampCompiler", "CompileRecord", "stamp_backend", "INDUCTOR_MODES"]
 
@@ -84,6 +91,8 @@ class StampCompiler:
         observer: Callable | None = None,
     ):
         self.config = config or StampConfig()
+        if observer is None:  # calibration (observer mode) is where the solver options act
+            reject_solver_options(solver_fields_set(self.config))
         self.options = BackendOptions(
             inductor=inductor, plan=plan, debug_dir=debug_dir, kernel=kernel, mode=mode
         )
@@ -98,6 +107,9 @@ class StampCompiler:
     def from_options(
         cls, options: dict[str, Any] | None = None, mode: str | None = None, **kwargs
     ) -> StampCompiler:
+        if kwargs.get("observer") is None:
+            # Named even when given at their default value: the option does nothing here.
+            reject_solver_options([k for k in SOLVER_FIELDS if k in (options or {})])
         config, backend = from_options(options, mode)
         return cls(
             config,
@@ -120,12 +132,26 @@ class StampCompiler:
             )
             sites = []
         causal = looks_causal(gm) if self.causal is None else self.causal
-        plan = self.plan if self.plan is not None else build_plan(sites, self.config, causal=causal)
+        if self.plan is not None:
+            _warn_plan_coverage(sites, self.plan)
+            plan, conflicts = fit_plan(sites, self.plan)
+        else:
+            plan, conflicts = plan_sites(sites, self.config, causal=causal)
+        missed = _unrecognised_linears(gm)
+        if missed:
+            warnings.warn(
+                f"stamp: {len(missed)} matmul-like call(s) on parameters are not recognised as "
+                f"linear layers and run unquantized: {_few(missed)}",
+                stacklevel=2,
+            )
         if not any(s.slot == "in" for s in sites):
             warnings.warn(
                 "stamp: the graph has no linear layers; compiling it without STaMP", stacklevel=2
             )
         _warn_unhandled(sites, plan)
+        _warn_conflicts(conflicts)
+        if self.config.enabled or self.plan is not None:
+            _warn_nothing_quantized(sites, plan)
         if self.observer is not None:
             self.observer.watch(plan)
         elif any(p.transform == "klt" and p.autocorr_key is None for p in plan.sites.values()):
@@ -199,6 +225,77 @@ def _warn_unhandled(sites: Sequence[Site], plan: AllocationPlan) -> None:
         more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
         warnings.warn(
             f"stamp: {len(bad)} site(s) compiled without STaMP: {listing}{more}", stacklevel=3
+        )
+
+
+def _unrecognised_linears(gm: fx.GraphModule) -> list[str]:
+    try:
+        return unrecognised_linears(gm)
+    except Exception:  # a diagnostic must never take the compile down
+        return []
+
+
+def _few(keys: Sequence[str], n: int = 5) -> str:
+    keys = list(keys)
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _warn_conflicts(conflicts: dict[str, str]) -> None:
+    """Warn about every site an option does not fit (it runs unquantized), with its reason."""
+    if not conflicts:
+        return
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in conflicts.items():
+        by_reason.setdefault(reason, []).append(key)
+    listing = "; ".join(f"{reason}: {_few(keys, 3)}" for reason, keys in by_reason.items())
+    warnings.warn(
+        f"stamp: {len(conflicts)} site(s) compiled without STaMP because an option does not "
+        f"fit them: {listing}",
+        stacklevel=3,
+    )
+
+
+def _warn_nothing_quantized(sites: Sequence[Site], plan: AllocationPlan) -> None:
+    """A compile that quantizes no site at all says so, with the commonest reasons."""
+    keys = [s.key for s in sites]
+    if not keys or not any(s.slot == "in" for s in sites):
+        return  # no sites / no linears: warned about separately
+    if any(k in plan.sites for k in keys):
+        return
+    reasons: dict[str, int] = {}
+    for k in keys:
+        r = plan.skipped.get(k, "not in the plan")
+        reasons[r] = reasons.get(r, 0) + 1
+    listing = "; ".join(
+        f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda item: -item[1])[:4]
+    )
+    warnings.warn(
+        f"stamp: 0 of {len(keys)} sites quantized: the graph runs in float. Reasons: {listing}",
+        stacklevel=3,
+    )
+
+
+def _warn_plan_coverage(sites: Sequence[Site], plan: AllocationPlan) -> None:
+    """A pinned plan must fit the graph: warn about quantizable sites it leaves out and about
+    sites it names that this graph lacks (a plan saved for another model, or a graph break
+    that put them in another graph)."""
+    graph_keys = {s.key for s in sites}
+    named = set(plan.sites) | set(plan.skipped)
+    uncovered = [s.key for s in sites if s.reason is None and s.in_block and s.key not in named]
+    if uncovered:
+        warnings.warn(
+            f"stamp: the pinned plan leaves {len(uncovered)} of {len(graph_keys)} site(s) of this "
+            f"graph uncovered (they run unquantized): {_few(uncovered)}",
+            stacklevel=3,
+        )
+    absent = sorted(k for k in plan.sites if k not in graph_keys)
+    if absent:
+        warnings.warn(
+            f"stamp: {len(absent)} of the pinned plan's {len(plan.sites)} quantized site(s) are "
+            f"not in this graph: {_few(absent)} (a plan for another model, or a graph break "
+            "put them in another graph)",
+            stacklevel=3,
         )
 
 

@@ -23,7 +23,14 @@ from typing import Any
 from .quantizer import MAX_BITS, MIN_BITS, TokenBits, validate_bits
 from .transforms import FEATURE_TRANSFORMS, SequenceTransform, available_transforms, make_transform
 
-__all__ = ["CONFIG_VERSION", "POLICY_FIELDS", "StampConfig", "BackendOptions", "from_options"]
+__all__ = [
+    "CONFIG_VERSION",
+    "POLICY_FIELDS",
+    "SOLVER_FIELDS",
+    "StampConfig",
+    "BackendOptions",
+    "from_options",
+]
 
 CONFIG_VERSION = 1
 DEFAULT_KERNEL = "auto"
@@ -181,13 +188,21 @@ class StampConfig:
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able fields. ``overrides`` keep their order (it decides which wins): a
+        dict ``{pattern: spec}`` in insertion order, or a list of ``[pattern, spec]`` pairs when a
+        pattern repeats (a dict would drop the earlier one)."""
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if f.name == "overrides":
-                v = {
-                    pattern: (spec if isinstance(spec, str) else dict(spec)) for pattern, spec in v
-                }
+                pairs = [
+                    (pattern, spec if isinstance(spec, str) else dict(spec)) for pattern, spec in v
+                ]
+                patterns = [p for p, _ in pairs]
+                if len(set(patterns)) == len(patterns):
+                    v = dict(pairs)
+                else:
+                    v = [[p, spec] for p, spec in pairs]
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
@@ -211,7 +226,10 @@ class StampConfig:
         return cls(**kwargs)
 
     def to_json(self, **json_kwargs: Any) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, **json_kwargs)
+        """Fields in sorted order; never ``sort_keys`` (it would also sort the override
+        patterns, whose order decides which one wins)."""
+        data = self.to_dict()
+        return json.dumps({k: data[k] for k in sorted(data)}, **json_kwargs)
 
     @classmethod
     def from_json(cls, text: str) -> StampConfig:
@@ -234,7 +252,10 @@ POLICY_FIELDS = (
 
 
 def _normalize_overrides(overrides: Any) -> tuple[tuple[str, Any], ...]:
-    """Validate overrides into a hashable tuple of (pattern, "skip" | sorted (field, value) pairs)."""
+    """Validate overrides into a hashable tuple of (pattern, "skip" | sorted (field, value) pairs).
+
+    The order of the patterns is kept (later ones win over earlier ones for the fields they
+    set); only the fields inside one pattern's spec are sorted, where order means nothing."""
     import re
 
     items = overrides.items() if isinstance(overrides, dict) else overrides
@@ -273,6 +294,32 @@ def _normalize_overrides(overrides: Any) -> tuple[tuple[str, Any], ...]:
             raise ValueError(f"overrides[{pattern!r}]: {err}") from None
         out.append((pattern, pairs))
     return tuple(out)
+
+
+SOLVER_FIELDS = ("avg_bits", "allowed_bits", "allocation_metric")
+"""StampConfig fields that only the calibrated bit-allocation solver reads
+(``stamp_fx.calibrate`` / ``stamp_fx.tune``); the compile-time backend rejects them."""
+
+
+def solver_fields_set(config: StampConfig) -> list[str]:
+    """The :data:`SOLVER_FIELDS` of ``config`` that differ from their defaults."""
+    default = StampConfig()
+    return [name for name in SOLVER_FIELDS if getattr(config, name) != getattr(default, name)]
+
+
+def reject_solver_options(names: list[str] | tuple[str, ...]) -> None:
+    """Raise for solver options given to the compile-time backend, which cannot honour them
+    (the solver needs calibrated per-site energies; no default energy model stands in)."""
+    if not names:
+        return
+    listed = ", ".join(names)
+    raise ValueError(
+        f"{listed}: the bit-allocation solver needs calibrated energies and does not run at "
+        f"compile time, so {'this option is' if len(names) == 1 else 'these options are'} not "
+        "accepted by the backend. Calibrate first: plan = stamp_fx.calibrate(model, batches, "
+        "avg_bits=...) (or stamp_fx.tune(model, batches, avg_bits=...).plan), then "
+        "torch.compile(model, backend='stamp', options={'plan': plan})"
+    )
 
 
 @dataclass(frozen=True, slots=True)

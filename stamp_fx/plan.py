@@ -12,6 +12,7 @@ when a site carries a KLT autocorrelation) and used verbatim when passed back.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -31,23 +32,37 @@ __all__ = ["PLAN_VERSION", "SitePolicy", "AllocationPlan", "load_plan"]
 PLAN_VERSION = 1
 
 
-_KLT_CACHE: dict[tuple, SequenceTransform] = {}
+_KLT_CACHE: dict[tuple, tuple[weakref.ref, SequenceTransform]] = {}
+_KLT_CACHE_SIZE = 64
 
 
 def _klt_for(autocorr: Tensor) -> SequenceTransform:
-    """One KLT (and so one eigendecomposition per length) per autocorrelation tensor: ops call
-    this on every forward, so rebuilding it would cost an S x S eigh each time."""
+    """One KLT (so one eigendecomposition per length) per autocorrelation tensor: the
+    ``stamp::fake_quant`` op builds its policy's transform on every forward, and a fresh KLT
+    would redo an S x S ``eigh`` each time.
+
+    Keyed by the tensor's memory and version counter, and valid only while the tensor itself is
+    alive (a weak reference: a freed tensor's memory can be reused by another one, and the
+    cache must not keep models' buffers alive). No values are read (no device sync)."""
     key = (
         autocorr.data_ptr(),
         tuple(autocorr.shape),
-        float(autocorr[0, 0]),
-        float(autocorr[-1, -1]),
+        tuple(autocorr.stride()),
+        autocorr.dtype,
+        str(autocorr.device),
+        autocorr._version,
     )
-    if key not in _KLT_CACHE:
-        if len(_KLT_CACHE) >= 1024:
-            _KLT_CACHE.clear()
-        _KLT_CACHE[key] = make_transform("klt", autocorr=autocorr)
-    return _KLT_CACHE[key]
+    hit = _KLT_CACHE.get(key)
+    if hit is not None and hit[0]() is not None:
+        return hit[1]
+    if len(_KLT_CACHE) >= _KLT_CACHE_SIZE:
+        for k in [k for k, (ref, _) in _KLT_CACHE.items() if ref() is None]:
+            del _KLT_CACHE[k]
+        if len(_KLT_CACHE) >= _KLT_CACHE_SIZE:
+            del _KLT_CACHE[next(iter(_KLT_CACHE))]  # the oldest entry
+    transform = make_transform("klt", autocorr=autocorr)
+    _KLT_CACHE[key] = (weakref.ref(autocorr), transform)
+    return transform
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +139,7 @@ class SitePolicy:
                 raise ValueError(
                     f"klt autocorrelation {self.autocorr_key!r} is missing from the plan's tensors"
                 )
-            return make_transform("klt", autocorr=tensors[self.autocorr_key])
+            return _klt_for(tensors[self.autocorr_key])
         return make_transform(self.transform)
 
     def quantized_bits(self, quantized_length: int, sinks: int) -> list[int]:

@@ -12,6 +12,11 @@ Defaults, in order (the first that applies decides):
 
 Then overrides apply in order (``_default`` first): a dict of policy fields replaces those
 fields, ``"skip"`` removes the site. Patterns that match no site raise a warning.
+
+Last, a policy that does not fit its site (``group_size`` not dividing the features, a haar2d
+``grid`` the sequence does not fill, a feature rotation or groups on a symbolic feature dim)
+leaves that site unquantized with the reason (:func:`site_conflict`); the backend warns about
+each such site, and applies the same check to a pinned plan (:func:`fit_plan`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from .analysis import Site
 from .config import StampConfig
 from .plan import AllocationPlan, SitePolicy
 
-__all__ = ["build_plan", "pattern_matches"]
+__all__ = ["build_plan", "plan_sites", "fit_plan", "site_conflict", "pattern_matches"]
 
 
 def pattern_matches(pattern: str, fqn: str, key: str) -> bool:
@@ -46,21 +51,58 @@ def _default_policy(site: Site, config: StampConfig, sink_tokens: int) -> SitePo
         return "outside the repeated blocks (LM head, embeddings, conditioning MLPs)"
     if site.slot.startswith(("k", "v")) and not config.quantize_kv:
         return "K/V quantization is off (options quantize_kv=True enables it)"
-    if config.group_size and site.features and site.features % config.group_size:
-        return f"group_size {config.group_size} does not divide the {site.features} features"
     policy = SitePolicy.from_config(config, sink_tokens=sink_tokens)
     if site.cross:
         # Text tokens are not a locally correlated sequence: plain per-token quantization.
         return replace(policy, transform="identity", levels=None, grid=None, sink_tokens=0)
-    if policy.transform == "haar2d":
-        if policy.grid is None:
-            raise ValueError(
-                "transform 'haar2d' needs the token grid: options={'grid': (height, width)}"
-            )
+    if policy.transform == "haar2d" and policy.grid is None:
+        raise ValueError(
+            "transform 'haar2d' needs the token grid: options={'grid': (height, width)}"
+        )
+    return policy
+
+
+def site_conflict(site: Site, policy: SitePolicy) -> str | None:
+    """Why ``policy`` (the user's options, after overrides) cannot be applied to ``site``, or
+    None. Such a site is compiled unquantized, with this reason in the plan and a warning."""
+    features = site.features
+    if policy.group_size:
+        if features is None:
+            return f"group_size {policy.group_size} needs a static feature dim (it is symbolic)"
+        if features % policy.group_size:
+            return f"group_size {policy.group_size} does not divide the {features} features"
+    if policy.feature_transform != "none" and features is None:
+        return (
+            f"feature_transform {policy.feature_transform!r} needs a static feature dim "
+            "(it is symbolic)"
+        )
+    if policy.transform == "haar2d" and policy.grid is not None:
         length = _static_length(site)
         if length is not None and length != policy.grid[0] * policy.grid[1]:
             return f"sequence of {length} tokens does not fill the haar2d grid {policy.grid}"
-    return policy
+    return None
+
+
+def fit_plan(sites: Sequence[Site], plan: AllocationPlan) -> tuple[AllocationPlan, dict[str, str]]:
+    """``plan`` with every planned site whose policy does not fit it (:func:`site_conflict`)
+    moved to ``skipped`` with its reason; also returns those ``{key: reason}``."""
+    conflicts = {}
+    for site in sites:
+        policy = plan.sites.get(site.key)
+        if policy is not None and site.reason is None:
+            reason = site_conflict(site, policy)
+            if reason is not None:
+                conflicts[site.key] = reason
+    if not conflicts:
+        return plan, {}
+    fitted = AllocationPlan(
+        sites={k: v for k, v in plan.sites.items() if k not in conflicts},
+        skipped={**plan.skipped, **conflicts},
+        tensors=plan.tensors,
+        meta=plan.meta,
+        version=plan.version,
+    )
+    return fitted, conflicts
 
 
 def _static_length(site: Site) -> int | None:
@@ -85,6 +127,14 @@ def build_plan(
     sites: Sequence[Site], config: StampConfig, *, causal: bool, meta: dict | None = None
 ) -> AllocationPlan:
     """Decide every site's policy (see the module docstring)."""
+    return plan_sites(sites, config, causal=causal, meta=meta)[0]
+
+
+def plan_sites(
+    sites: Sequence[Site], config: StampConfig, *, causal: bool, meta: dict | None = None
+) -> tuple[AllocationPlan, dict[str, str]]:
+    """:func:`build_plan`, also returning the sites skipped because an option does not fit
+    them (``{key: reason}``, see :func:`site_conflict`): the backend warns about those."""
     sink_tokens = config.resolved_sink_tokens(causal=causal)
     used = {pattern: False for pattern, _ in config.overrides}
     ordered = sorted(config.overrides, key=lambda item: item[0] != "_default")
@@ -104,8 +154,9 @@ def build_plan(
     for pattern, hit in used.items():
         if not hit and sites:
             warnings.warn(f"stamp override {pattern!r} matches no site", stacklevel=3)
-    return AllocationPlan(
+    plan = AllocationPlan(
         sites={k: v for k, v in decided.items() if isinstance(v, SitePolicy)},
         skipped={k: v for k, v in decided.items() if isinstance(v, str)},
         meta={"config": config.to_dict(), "causal": causal, **(meta or {})},
     )
+    return fit_plan(sites, plan)

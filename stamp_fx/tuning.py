@@ -310,11 +310,7 @@ class SensitivityObserver:
         fqn, _, slot = key.rpartition(":")
         if slot != "in":
             return None
-        weight = getattr(self.model.get_submodule(fqn), "weight", None)
-        if weight is None or weight.ndim != 2:
-            return None
-        # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
-        return weight.T if weight.shape[1] == features else weight
+        return linear_projection(self.model.get_submodule(fqn), features)
 
     @torch.no_grad()
     def observe(self, x: Tensor, keys: tuple[str, ...], seq_dim: int) -> Tensor:
@@ -368,6 +364,28 @@ class SensitivityObserver:
                 if key in weights:
                     fisher = 0.5 * float((weights[key] * diff.to(torch.float32).square()).sum())
                     s.fisher[option] = s.fisher.get(option, 0.0) + fisher
+
+
+def linear_projection(module: torch.nn.Module, features: int) -> Tensor | None:
+    """``M`` with ``module(x) = x @ M + b`` for ``features`` input channels, decided by the
+    module type, never by the weight's shape alone (a square weight fits either layout):
+    ``nn.Linear`` (and subclasses) store ``[out, in]``, GPT-2's ``Conv1D`` stores ``[in, out]``.
+    Another module type is used only when its layout is unambiguous (one weight dim equals
+    ``features`` and the other does not); otherwise None, and the error is measured on the
+    activation itself, like a K/V site."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or weight.ndim != 2:
+        return None
+    if isinstance(module, torch.nn.Linear):
+        return weight.T
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return weight  # transformers.pytorch_utils.Conv1D: x @ weight + bias
+    rows, cols = weight.shape
+    if cols == features and rows != features:
+        return weight.T
+    if rows == features and cols != features:
+        return weight
+    return None
 
 
 def _energy(t: Tensor, proj: Tensor | None) -> float:
@@ -506,7 +524,8 @@ def tune(
     option exists; options below a site's sinks or with ``low_bits`` above its ``high_bits``
     are skipped for that site. ``objective`` picks the error the solver minimises (see the
     module docstring); ``loss_fn(model, batch) -> scalar`` is the loss of ``"fisher"`` (default
-    :func:`next_token_loss`). ``options`` are the backend's policy options.
+    :func:`next_token_loss`). ``options`` are the backend's policy options and ``debug_dir``;
+    ``plan``, ``kernel``, ``mode`` and ``inductor`` raise (tuning builds the plan, eagerly).
     """
     obj = _check_objective(objective)
     if (
@@ -515,7 +534,7 @@ def tune(
         or not math.isfinite(avg_bits)
     ):
         raise ValueError(f"avg_bits must be a finite number, got {avg_bits!r}")
-    config = merged_config(config, options)
+    config, debug_dir = merged_config(config, options, what="tune")
     highs = _check_grid(high_token_grid, "high_token_grid", _check_high_tokens)
     lows = _check_grid(
         (config.low_bits,) if low_bits_grid is None else low_bits_grid,
@@ -544,6 +563,7 @@ def tune(
         desc=f"stamp tune: sensitivity ({obj.name})",
         show_progress=show_progress,
         after_batch=after_batch,
+        debug_dir=debug_dir,
     )
     return solve(
         observer.sites,

@@ -48,3 +48,34 @@ def assert_no_worse_than_eager(compiled: torch.Tensor, model, inputs, plan) -> N
     err_eager = (eager32.double() - ref64).norm().item()
     floor = MODEL_ERROR_FLOOR_REL * ref64.norm().item()
     assert err_compiled <= MODEL_ERROR_RATIO * err_eager + floor, (err_compiled, err_eager, floor)
+
+
+def config_plan(model, config, *, causal: bool, cross: tuple[str, ...] = ()):
+    """The model-level oracle's plan, built from the config and module names alone (never from
+    the compiler's analysis): every ``nn.Linear`` (subclasses included) or GPT-2 ``Conv1D``
+    inside the repeated blocks (a ModuleList index in its name) gets the config's policy;
+    names matching a ``cross`` regex (cross-attention K/V projections of text) get plain
+    per-token quantization. So a site the analysis misses, or an extra one, fails a test.
+    Overrides and K/V quantization are outside what names alone can say."""
+    import re
+
+    from stamp_fx import AllocationPlan, SitePolicy
+
+    if config.overrides or config.quantize_kv:
+        raise ValueError("config_plan: overrides and quantize_kv need the compiler's analysis")
+    sinks = config.resolved_sink_tokens(causal=causal)
+    sites = {}
+    for fqn, module in model.named_modules():
+        linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+        if not linear or not any(part.isdigit() for part in fqn.split(".")):
+            continue
+        policy = SitePolicy.from_config(config, sink_tokens=sinks)
+        if any(re.fullmatch(rx, fqn) for rx in cross):
+            policy = SitePolicy(
+                transform="identity", sink_tokens=0, high_tokens=config.high_tokens,
+                high_bits=config.high_bits, low_bits=config.low_bits,
+                feature_transform=config.feature_transform, symmetric=config.symmetric,
+                group_size=config.group_size,
+            )  # fmt: skip
+        sites[f"{fqn}:in"] = policy
+    return AllocationPlan(sites=sites)

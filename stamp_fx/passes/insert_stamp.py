@@ -2,8 +2,9 @@
 front of every planned site.
 
 Sites that read the same tensor with the same policy (q/k/v projections, gate/up) share one
-quantized tensor: quantize once, not once per consumer. A flattened ``[B*S, D]`` input is
-quantized at its ``[B, S, D]`` origin and the view is re-applied. Running the pass again finds
+quantized tensor: quantize once, not once per consumer. A flattened ``[B*S, D]`` input (or any
+layout chain, see ``analysis._sequence_origin``) is quantized at its ``[B, S, D]`` origin and
+the chain is re-applied. Running the pass again finds
 the inserted ops and adds nothing (idempotent).
 """
 
@@ -64,6 +65,53 @@ def _insert_quantizer(gm, origin, policy, seq_dim, features, autocorr) -> list[f
     return nodes
 
 
+def _fake_like(fn, *tensors):
+    """``fn`` on example values (fake tensors), for the meta of nodes the pass creates."""
+    mode = getattr(tensors[0], "fake_mode", None) if tensors else None
+    if mode is None:
+        return None
+    try:
+        with mode:
+            return fn(*tensors)
+    except Exception:  # meta only: a node without it is still correct
+        return None
+
+
+def _size_arg(gm: fx.GraphModule, source: fx.Node, dim: int, after: fx.Node):
+    """``source.shape[dim]`` as an int when static, else a ``size`` node after ``after``."""
+    size = source.meta["example_value"].shape[dim]
+    if isinstance(size, int):
+        return size, after
+    with gm.graph.inserting_after(after):
+        node = gm.graph.call_method("size", (source, dim))
+    node.meta["example_value"] = size
+    return node, node
+
+
+def _unflatten(gm: fx.GraphModule, flat: fx.Node, source: fx.Node) -> fx.Node:
+    """``flat.unflatten(0, (B, S))`` right after ``flat``, with ``B, S`` the leading sizes of
+    ``source`` (an ancestor of ``flat``, so defined before it)."""
+    b, last = _size_arg(gm, source, 0, flat)
+    s, last = _size_arg(gm, source, 1, last)
+    with gm.graph.inserting_after(last):
+        node = gm.graph.call_method("unflatten", (flat, 0, (b, s)))
+    sizes = source.meta["example_value"].shape[:2]
+    fake = _fake_like(lambda t: t.unflatten(0, tuple(sizes)), flat.meta.get("example_value"))
+    if fake is not None:
+        node.meta["example_value"] = fake
+    node.meta["nn_module_stack"] = flat.meta.get("nn_module_stack", {})
+    return node
+
+
+def _flatten_back(gm: fx.GraphModule, quant: fx.Node, flat: fx.Node, meta) -> fx.Node:
+    with gm.graph.inserting_after(quant):
+        node = gm.graph.call_method("flatten", (quant, 0, 1))
+    if "example_value" in flat.meta:
+        node.meta["example_value"] = flat.meta["example_value"]
+    node.meta["stamp"] = meta
+    return node
+
+
 def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
     groups: dict[tuple, list] = {}
     already = 0
@@ -74,10 +122,13 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
         if _is_stamp(site.origin):
             already += 1
             continue
-        groups.setdefault((site.origin, policy, site.seq_dim), []).append(site)
+        groups.setdefault((site.origin, policy, site.seq_dim, site.unflatten), []).append(site)
 
     inserted = rewired = 0
-    for (origin, policy, seq_dim), sites in groups.items():
+    for (origin, policy, seq_dim, unflatten), sites in groups.items():
+        flat_origin = None
+        if unflatten is not None:  # [B*S, F] -> [B, S, F] here, and back after quantizing
+            flat_origin, origin = origin, _unflatten(gm, origin, unflatten)
         meta = StampMeta(
             tuple(s.key for s in sites), tuple(s.role for s in sites), policy.describe()
         )
@@ -94,20 +145,22 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
         for node in new_nodes:
             _annotate(node, origin, meta, sites[0].consumer)
         quant = new_nodes[-1]
+        if flat_origin is not None:
+            quant = _flatten_back(gm, quant, flat_origin, meta)
         inserted += 1
-        views: dict[fx.Node, fx.Node] = {}
+        views: dict[fx.Node, fx.Node] = {}  # original chain node -> its copy on ``quant``
         for site in sites:
             new_input = quant
-            if site.reshape is not None:
-                if site.reshape not in views:
-                    r = site.reshape
-                    with gm.graph.inserting_after(quant):
+            for r in site.chain:
+                if r not in views:
+                    # Right before the original: its other args (sizes) are defined there.
+                    with gm.graph.inserting_before(r):
                         views[r] = gm.graph.create_node(
-                            r.op, r.target, (quant, *r.args[1:]), dict(r.kwargs)
+                            r.op, r.target, (new_input, *r.args[1:]), dict(r.kwargs)
                         )
                     views[r].meta.update({k: v for k, v in r.meta.items() if k != "stamp"})
                     views[r].meta["stamp"] = meta
-                new_input = views[site.reshape]
+                new_input = views[r]
             site.consumer.update_arg(site.arg_index, new_input)
             prev = site.consumer.meta.get("stamp")
             site.consumer.meta["stamp"] = StampMeta(
@@ -117,7 +170,7 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
                 "consumer",
             )
             rewired += 1
-        for old in views:
+        for old in reversed(list(views)):  # the originals, now unused (consumer side first)
             if not old.users:
-                gm.graph.erase_node(old)  # the original view, now unused
+                gm.graph.erase_node(old)
     return {"stamp_ops": inserted, "rewired_inputs": rewired, "already_quantized": already}

@@ -42,3 +42,34 @@ def test_fx_graph_cache_hits_on_a_second_compile():
         compile_and_run(model, inputs, StampCompiler(StampConfig(high_tokens=4)))
     assert counters["inductor"]["fxgraph_cache_hit"] >= 1
     assert counters["inductor"]["fxgraph_cache_bypass"] == 0
+
+
+def test_chains_and_unflattened_mlp_sites_through_inductor_dynamic():
+    """The nodes the pass creates for a layout chain and for an unflattened [B*S, F] site
+    (symbolic sizes) lower through Inductor, equal to the eager run of the same graph."""
+    from tests.passes.test_linears import FlattenedGeluMLP, FlattenedMLP, Stack
+
+    torch.manual_seed(0)
+    model = Stack(FlattenedMLP(), FlattenedGeluMLP()).eval()
+    config = StampConfig(high_tokens=2, low_bits=3)
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(b, s, 8, generator=gen) for b, s in ((2, 6), (3, 9))]
+    outs = {}
+    for name, compiler in (
+        ("fast", StampCompiler(config)),
+        ("slow", StampCompiler(config, inductor=False)),
+    ):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=compiler, dynamic=True, fullgraph=True)
+        with torch.no_grad():
+            outs[name] = [compiled(x) for x in xs]
+        assert len(compiler.records) == 1  # no recompile for the second shape
+        if name == "fast":
+            fast = compiler
+    for x, out, ref in zip(xs, outs["fast"], outs["slow"], strict=True):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            assert not torch.allclose(out, model(x), atol=1e-3)  # quantized
+    assert set(fast.last.plan.sites) == {
+        "layers.0.proj.fc:in", "layers.1.proj.fc1:in", "layers.1.proj.fc2:in"
+    }  # fmt: skip

@@ -111,8 +111,88 @@ def test_pixart_haar2d_on_its_token_grid():
     # A grid that the image sequence does not fill is a skip with a reason, not a crash.
     model, inputs = models.pixart(side=8)
     compiler = StampCompiler(StampConfig(transform="haar2d", grid=(8, 8)), inductor=False)
-    compile_and_run(model, inputs, compiler)
+    with pytest.warns(
+        UserWarning,
+        match=r"stamp: 16 site\(s\) compiled without STaMP because an option does not fit them: "
+        r"sequence of 16 tokens does not fill the haar2d grid \(8, 8\): transformer_blocks.0",
+    ):
+        compile_and_run(model, inputs, compiler)
     assert (
         "does not fill the haar2d grid (8, 8)"
         in compiler.last.plan.skipped["transformer_blocks.0.attn1.to_q:in"]
     )
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, features=8):
+        super().__init__()
+        self.lin = torch.nn.Linear(features, features)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class _Attention(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, *blocks):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(blocks)
+
+    def forward(self, *args):
+        for layer in self.layers:
+            args = (layer(*args), *args[1:])
+        return args[0]
+
+
+def test_feature_rotation_on_a_dynamic_feature_dim_pinned_by_the_weight_is_quantized():
+    # The weight specialises the dim to 8: a SymInt with a constant value, not symbolic.
+    from stamp_fx import apply_plan_eager
+
+    model = _Stack(_Block()).eval()
+    x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.maybe_mark_dynamic(x, 2)
+    compiler = StampCompiler(
+        StampConfig(feature_transform="hadamard", high_tokens=1), inductor=False
+    )
+    out = compile_and_run_plain(model, x, compiler)
+    (site,) = compiler.last.sites
+    assert site.features == 8 and "layers.0.lin:in" in compiler.last.plan.sites
+    handles = apply_plan_eager(model, compiler.last.plan)
+    try:
+        with torch.no_grad():
+            ref = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, model(x), atol=1e-4)
+
+
+def test_feature_rotation_on_a_symbolic_feature_dim_skips_the_site_with_a_reason():
+    model = _Stack(_Attention()).eval()
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=gen) for _ in range(3))
+    for t in (q, k, v):
+        torch._dynamo.mark_dynamic(t, 3)
+    compiler = StampCompiler(
+        StampConfig(feature_transform="hadamard", quantize_kv=True), inductor=False
+    )
+    torch._dynamo.reset()
+    with (
+        pytest.warns(
+            UserWarning,
+            match="an option does not fit them: feature_transform "
+            "'hadamard' needs a static feature dim \\(it is symbolic\\): layers.0:k",
+        ),
+        torch.no_grad(),
+    ):
+        out = torch.compile(model, backend=compiler)(q, k, v)
+    torch.testing.assert_close(out, model(q, k, v))
+    plan = compiler.last.plan
+    assert plan.sites == {}
+    assert "needs a static feature dim" in plan.skipped["layers.0:k"]
+    assert "needs a static feature dim" in plan.skipped["layers.0:v"]

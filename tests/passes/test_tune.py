@@ -311,3 +311,27 @@ def test_cli_tune_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     assert plan.meta["tune"]["achieved"] <= 4.5 + 1e-9
     assert (tmp_path / "tiny_plan_report.txt").is_file()
     assert (tmp_path / "tiny_plan_bits.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_projection_matches_the_module_even_for_square_weights(name):
+    # GPT-2's attention c_proj is a square Conv1D ([in, out]); a shape test cannot tell it from
+    # an nn.Linear ([out, in]) and used to transpose it.
+    from stamp_fx.tuning import linear_projection
+
+    model, _ = models.FACTORIES[name]()
+    checked = square = 0
+    gen = torch.Generator().manual_seed(0)
+    for fqn, mod in model.named_modules():
+        weight = getattr(mod, "weight", None)
+        if not (isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"):
+            continue
+        features = weight.shape[0] if type(mod).__name__ == "Conv1D" else weight.shape[1]
+        x = torch.randn(3, features, generator=gen)
+        m = linear_projection(mod, features)
+        bias = mod.bias if getattr(mod, "bias", None) is not None else 0
+        with torch.no_grad():
+            torch.testing.assert_close(x @ m, mod(x) - bias, rtol=1e-5, atol=1e-5, msg=fqn)
+        checked += 1
+        square += weight.shape[0] == weight.shape[1]
+    assert checked >= 8 and square >= 2

@@ -97,3 +97,41 @@ def test_haar2d_without_grid_fails_when_the_transform_is_built():
     with pytest.raises(ValueError, match="needs grid"):
         c.make_transform()
     assert c.make_transform(grid=(64, 64)).levels == 3
+
+
+def test_json_round_trip_keeps_override_order():
+    # Later overrides win for the fields they set, so their order is part of the config.
+    overrides = {
+        "re:.*proj": {"low_bits": 8},
+        "a.q_proj": {"low_bits": 3},
+        "_default": {"high_tokens": 2},
+    }
+    c = StampConfig(overrides=overrides)
+    again = StampConfig.from_json(c.to_json())
+    assert again == c
+    assert [p for p, _ in again.overrides] == ["re:.*proj", "a.q_proj", "_default"]
+    assert list(c.to_dict()["overrides"]) == ["re:.*proj", "a.q_proj", "_default"]
+    # The other fields are still written in a stable, sorted order.
+    assert list(json.loads(c.to_json())) == sorted(StampConfig.field_names())
+
+
+def test_json_round_trip_keeps_repeated_override_patterns():
+    c = StampConfig(
+        overrides=[("re:.*", {"low_bits": 3}), ("a.q_proj", "skip"), ("re:.*", {"low_bits": 6})]
+    )
+    again = StampConfig.from_json(c.to_json())
+    assert again == c and len(again.overrides) == 3
+
+
+def test_override_order_decides_the_winner_after_a_round_trip():
+    from stamp_fx.analysis import Site
+    from stamp_fx.policy import build_plan
+
+    site = Site(
+        fqn="layers.0.q_proj", slot="in", role="q", consumer=None, arg_index=0, origin=None,
+        seq_dim=1, shape=("1", "8", "16"), features=16, in_block=True,
+    )  # fmt: skip
+    c = StampConfig(overrides={"re:.*q_proj": {"low_bits": 6}, "layers.0.q_proj": {"low_bits": 3}})
+    for config in (c, StampConfig.from_json(c.to_json())):
+        plan = build_plan([site], config, causal=False)
+        assert plan.sites["layers.0.q_proj:in"].low_bits == 3
