@@ -15,6 +15,7 @@
 #          CONFIGS ("none hadamard hadamard_kv")
 #   dit:   DIT_LAYERS (28), DIT_CONFIGS ("none haar2d_hadamard"), DIT_BATCH (1)
 #   both:  KERNEL (unset: the library's default lowering, what users get)
+#   tests: PYTEST_ARGS (default "tests/gpu": the whole GPU tier)
 #   kernels: LOWERINGS ("default inductor triton"), LENGTHS ("2048 4096 8192"), DIMS ("4096 8192")
 #   smoke test on a CPU: PYTHON (python3), DEVICE (cuda), QUICK=1 (adds --quick, drops the
 #          kernel grid), e.g. PYTHON=/path/venv/bin/python DEVICE=cpu QUICK=1 bash ... llama
@@ -62,7 +63,8 @@ if [ -n "${KERNEL:-}" ]; then kernel_args=(--kernel "$KERNEL"); fi
 start=$(date +%s)
 case "$stage" in
   tests)
-    py -m pytest -q -p no:cacheprovider --import-mode=append -m gpu tests/gpu 2>&1 \
+    # shellcheck disable=SC2086  # PYTEST_ARGS: e.g. "-k dynamic tests/gpu/test_gpu_default_lowering.py"
+    py -m pytest -q -p no:cacheprovider --import-mode=append -m gpu ${PYTEST_ARGS:-tests/gpu} 2>&1 \
         | tee "$OUT/tests_gpu.log"
     ;;
   kernels)
