@@ -50,6 +50,11 @@ DEVICE=${DEVICE:-cuda}
 # PYTHONPATH for benchmarks/ and tests/.
 pkg=/tmp/stamp_pkg
 rm -rf "$pkg" && mkdir -p "$pkg" && cp -r stamp_fx "$pkg/" && cp -r lowering "$pkg/stamp_fx/lowering"
+# The torch_dynamo_backends entry point (backend="stamp") as an installed package declares it.
+mkdir -p "$pkg/stamp_fx-0.0.0.dist-info"
+printf 'Metadata-Version: 2.1\nName: stamp-fx\nVersion: 0.0.0\n' >"$pkg/stamp_fx-0.0.0.dist-info/METADATA"
+printf '[torch_dynamo_backends]\nstamp = stamp_fx.backend:stamp_backend\n' \
+    >"$pkg/stamp_fx-0.0.0.dist-info/entry_points.txt"
 export PYTHONPATH=$pkg:$PYTHONPATH:$PWD
 py() { timeout "$limit" "$PYTHON" -P "$@"; }
 py -c "import stamp_fx, stamp_fx.lowering, diffusers, torch, triton; print('stamp_fx', stamp_fx.__file__, '| diffusers', diffusers.__version__, '| torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" \
