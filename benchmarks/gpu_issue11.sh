@@ -68,7 +68,8 @@ if [ -n "${KERNEL:-}" ]; then kernel_args=(--kernel "$KERNEL"); fi
 start=$(date +%s)
 case "$stage" in
   tests)
-    # shellcheck disable=SC2086  # PYTEST_ARGS: e.g. "-k dynamic tests/gpu/test_gpu_default_lowering.py"
+    # shellcheck disable=SC2086  # PYTEST_ARGS: words split on spaces, so name tests by node id
+    # (tests/gpu/test_x.py::test_y), not with a -k expression that holds spaces
     py -m pytest -q -p no:cacheprovider --import-mode=append -m gpu ${PYTEST_ARGS:-tests/gpu} 2>&1 \
         | tee "$OUT/tests_gpu.log"
     ;;

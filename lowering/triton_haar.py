@@ -1,4 +1,5 @@
-"""Hand-written fused Triton kernel for the default STaMP site (the ``"triton"`` lowering).
+"""Hand-written fused Triton kernel for the default STaMP site (used by the default ``"auto"`` lowering
+(and ``"triton"``) on CUDA; see :mod:`.kernel_choice` for which sites it takes).
 
 What it computes: exactly :func:`stamp_fx.reference.stamp_fake_quant_ref` for ``transform="haar"``
 with ``J`` levels, the first-``high_tokens`` rule (``high_bits`` / ``low_bits``), ``s`` sink

@@ -5,24 +5,13 @@ test_triton_haar.py). There it must equal :func:`stamp_fx.transforms.block_hadam
 (same butterflies in the same order, the same IEEE division by the float32 ``sqrt(B)``).
 """
 
-import os
-import sys
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    if (
-        "stamp_fx.lowering.hadamard_kernel" in sys.modules
-        and os.environ.get("TRITON_INTERPRET") != "1"
-    ):
-        pytest.skip(
-            "the Triton kernels were compiled for a GPU before this module could select the "
-            "interpreter; run this file on its own",
-            allow_module_level=True,
-        )
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+from tests.triton_interpreter import select_interpreter
+
+select_interpreter("stamp_fx.lowering.hadamard_kernel")
+
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402

@@ -13,21 +13,13 @@ output, computed from them by the inverse transform, within tests/tolerances.py'
 tolerance (in the interpreter it is in fact bit-identical).
 """
 
-import os
-import sys
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    if "stamp_fx.lowering.triton_haar" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip(
-            "the Triton kernels were compiled for a GPU before this module could select the "
-            "interpreter; run this file on its own",
-            allow_module_level=True,
-        )
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+from tests.triton_interpreter import select_interpreter
+
+select_interpreter("stamp_fx.lowering.triton_haar")
+
 
 from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
