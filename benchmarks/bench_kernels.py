@@ -204,6 +204,7 @@ def main() -> None:
                      "yes" if torch.equal(out, ref) else f"max|d|={(out.float() - ref.float()).abs().max().item():.2g}",
                      how]
                 )  # fmt: skip
+                print(rows[-1], flush=True)  # a run cut short by a time limit keeps its rows
             del x, y, refs
     peak = max(copies.values())
     for row in rows:
