@@ -80,7 +80,18 @@ def site_conflict(site: Site, policy: SitePolicy) -> str | None:
         length = _static_length(site)
         if length is not None and length != policy.grid[0] * policy.grid[1]:
             return f"sequence of {length} tokens does not fill the haar2d grid {policy.grid}"
+        if length is None and _symbolic_length(site):
+            # The grid fixes the length; a graph compiled for every length (dynamic=True, or
+            # Dynamo's automatic dynamic after a second resolution) cannot hold to it.
+            return (
+                f"haar2d grid {policy.grid} fixes the sequence length, but this graph's length "
+                "is dynamic (compile with dynamic=False, one graph per resolution)"
+            )
     return None
+
+
+def _symbolic_length(site: Site) -> bool:
+    return site.seq_dim is not None and len(site.shape) > site.seq_dim
 
 
 def fit_plan(sites: Sequence[Site], plan: AllocationPlan) -> tuple[AllocationPlan, dict[str, str]]:

@@ -94,6 +94,27 @@ def compile_and_run_plain(model, x, compiler):
         return torch.compile(model, backend=compiler)(x)
 
 
+def test_haar2d_on_a_second_resolution_skips_its_sites_instead_of_crashing():
+    """A second image size makes Dynamo recompile with a dynamic length, which the grid cannot
+    hold: those sites run unquantized with a warning (the grid-sized graph keeps STaMP)."""
+    model, inputs = models.pixart()
+    compiler = StampCompiler(
+        StampConfig(transform="haar2d", grid=(4, 4), high_tokens=4), inductor=False
+    )
+    torch._dynamo.reset()
+    run = torch.compile(model, backend=compiler)
+    with torch.no_grad():
+        models.main_output(run(**inputs))
+        bigger = {**inputs, "hidden_states": torch.randn(2, 4, 16, 16)}
+        with pytest.warns(UserWarning, match=r"haar2d grid \(4, 4\) fixes the sequence length"):
+            out = models.main_output(run(**bigger))
+    assert out.shape[-1] == 16 and torch.isfinite(out).all()
+    first, second = compiler.records
+    assert any(p.transform == "haar2d" for p in first.plan.sites.values())
+    assert not any(p.transform == "haar2d" for p in second.plan.sites.values())
+    assert any("fixes the sequence length" in r for r in second.plan.skipped.values())
+
+
 def test_pixart_haar2d_on_its_token_grid():
     model, inputs = models.pixart(side=8)  # 4 x 4 token grid; text tokens are not on it
     compiler = StampCompiler(
