@@ -43,6 +43,7 @@ the backend reads only the site policies, so a hand-edited site is used as writt
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -431,8 +432,8 @@ class TuneResult:
                 "output SQNR dB", "pred. loss incr.",
             )
         ]  # fmt: skip
-        for key, o in sorted(self.choice.items()):
-            s = self.sites[key]
+        for key in self.keys_by_depth():
+            o, s = self.choice[key], self.sites[key]
             rows.append(
                 (
                     key,
@@ -453,30 +454,93 @@ class TuneResult:
         )
         return "\n".join(lines)
 
+    def keys_by_depth(self) -> list[str]:
+        """Site keys block by block (``layers.2`` before ``layers.10``), in graph order within
+        a block, sites outside the blocks last."""
+        graph_order = {k: i for i, k in enumerate(self.sites)}
+
+        def key(site: str) -> tuple:
+            layer = layer_and_role(site)[0]
+            return (layer is None, layer or 0, graph_order.get(site, 0), depth_order(site))
+
+        return sorted(self.choice, key=key)
+
     def plot(self, path_prefix: str) -> list[str]:
-        """Two PNGs: chosen bits per site and output SQNR per site."""
+        """Two PNGs: the chosen bits as a layer x role map (one row per block, one column per
+        site role, sites outside the blocks in a row of their own), and output SQNR per site in
+        depth order (``layers.2`` before ``layers.10``), the block boundaries marked."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        keys = sorted(self.choice)
+        keys = self.keys_by_depth()
+        bits = {k: self.sites[k].bits[self.choice[k]] for k in keys}
+        layers = sorted({layer_and_role(k)[0] for k in keys}, key=lambda v: (v is None, v or 0))
+        roles = list(dict.fromkeys(layer_and_role(k)[1] for k in keys))
+        grid = [[float("nan")] * len(roles) for _ in layers]
+        for k in keys:
+            layer, role = layer_and_role(k)
+            grid[layers.index(layer)][roles.index(role)] = bits[k]
         paths = []
-        for name, values, ylabel in (
-            ("bits", [self.sites[k].bits[self.choice[k]] for k in keys], "average bits"),
-            ("sqnr", [self.sites[k].sqnr_db(self.choice[k]) for k in keys], "output SQNR (dB)"),
-        ):
-            fig, ax = plt.subplots(figsize=(max(6, len(keys) * 0.06), 3.5))
-            ax.bar(range(len(keys)), values)
-            ax.set_xlabel("site (sorted by name)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"tuned plan at {self.budget:.3f} bits: {ylabel} per site", fontsize=9)
-            fig.tight_layout()
-            path = f"{path_prefix}_{name}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            paths.append(path)
+        fig, ax = plt.subplots(
+            figsize=(max(5, 0.9 * len(roles) + 2), max(3, 0.22 * len(layers) + 1.5))
+        )
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xticks(range(len(roles)), roles, rotation=40, ha="right", fontsize=7)
+        ax.set_yticks(
+            range(len(layers)), ["other" if v is None else str(v) for v in layers], fontsize=7
+        )
+        ax.set_ylabel("block (layer index)")
+        ax.set_title(f"tuned plan at {self.budget:.3f} bits: average bits per site", fontsize=9)
+        fig.colorbar(image, ax=ax, label="average bits")
+        if len(layers) * len(roles) <= 400:  # small enough to print every value
+            for r, row in enumerate(grid):
+                for c, v in enumerate(row):
+                    if v == v:  # (not NaN: the site exists)
+                        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w")
+        fig.tight_layout()
+        paths.append(f"{path_prefix}_bits.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+        sqnr = [self.sites[k].sqnr_db(self.choice[k]) for k in keys]
+        fig, ax = plt.subplots(figsize=(max(6, len(keys) * 0.06), 3.5))
+        ax.bar(range(len(keys)), sqnr)
+        starts = [
+            i
+            for i, k in enumerate(keys)
+            if i and layer_and_role(k)[0] != layer_and_role(keys[i - 1])[0]
+        ]
+        for i in starts:
+            ax.axvline(i - 0.5, color="0.8", linewidth=0.5)
+        ax.set_xlabel("site, in depth order (grey lines: block boundaries)")
+        ax.set_ylabel("output SQNR (dB)")
+        ax.set_title(f"tuned plan at {self.budget:.3f} bits: output SQNR per site", fontsize=9)
+        fig.tight_layout()
+        paths.append(f"{path_prefix}_sqnr.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
         return paths
+
+
+def depth_order(key: str) -> tuple:
+    """Sort key for site keys in model order: numbers compare as numbers, so
+    ``layers.2`` comes before ``layers.10``."""
+    return tuple(
+        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)
+    )
+
+
+def layer_and_role(key: str) -> tuple[int | None, str]:
+    """``("model.layers.3.self_attn.q_proj:in")`` -> ``(3, "self_attn.q_proj:in")``: the first
+    index in the module path (the block) and what follows it (the site's place in the block);
+    ``(None, key)`` for a site outside the repeated blocks."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return int(part), ".".join(parts[i + 1 :]) or key
+    return None, key
 
 
 # -- driver ---------------------------------------------------------------------------------

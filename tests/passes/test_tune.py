@@ -335,3 +335,26 @@ def test_projection_matches_the_module_even_for_square_weights(name):
         checked += 1
         square += weight.shape[0] == weight.shape[1]
     assert checked >= 8 and square >= 2
+
+
+def test_report_and_plots_go_by_depth(tuned, tmp_path):
+    from stamp_fx.tuning import depth_order, layer_and_role
+
+    names = ["m.layers.10.mlp:in", "m.layers.2.attn:in", "lm_head:in", "m.layers.9.mlp:in"]
+    assert sorted(names, key=depth_order) == [
+        "lm_head:in", "m.layers.2.attn:in", "m.layers.9.mlp:in", "m.layers.10.mlp:in",
+    ]  # fmt: skip
+    assert layer_and_role("m.layers.10.mlp:in") == (10, "mlp:in")
+    assert layer_and_role("lm_head:in") == (None, "lm_head:in")
+    _, result = tuned
+    keys = result.keys_by_depth()
+    assert sorted(keys) == sorted(result.choice)
+    layers = [layer_and_role(k)[0] for k in keys]
+    assert layers == sorted(layers, key=lambda v: (v is None, v or 0))
+    listed = [line.split()[0] for line in result.report().splitlines()[1:-1]]
+    assert listed == keys
+    bits_png, sqnr_png = result.plot(str(tmp_path / "plan"))
+    assert bits_png.endswith("_bits.png") and sqnr_png.endswith("_sqnr.png")
+    for path in (bits_png, sqnr_png):
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
