@@ -49,3 +49,10 @@ FUSED_OUTPUT_ABS_F32_ULPS = 8
 # multiply-adds, so a transformed coefficient sitting on a rounding tie may get the neighbouring
 # code: at most this fraction of output elements may then be off by up to one quantization step.
 GPU_TIE_FRACTION = 1e-3
+
+# The Hadamard rotation kernel on CUDA divides by sqrt(B); PyTorch's CUDA reference multiplies by
+# its reciprocal: at most this many ulps of the output dtype apart, element by element.
+ROTATION_GPU_ULPS = 1
+# ... and its error against float64 at most this factor of the reference's own (ties may round
+# either way; the kernel's exact division is no less accurate than the reciprocal multiply).
+ROTATION_ERROR_RATIO = 1.01

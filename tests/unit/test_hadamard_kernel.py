@@ -19,6 +19,7 @@ from stamp_fx.lowering import hadamard_kernel  # noqa: E402
 
 from stamp_fx.transforms import block_hadamard, feature_block_size  # noqa: E402
 from tests.strategies import randn, seeds  # noqa: E402
+from tests.tolerances import ROTATION_GPU_ULPS  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -40,7 +41,9 @@ def test_kernel_equals_reference_rotation(rows, log_block, groups, dtype, seed):
     if DEVICE == "cpu":
         assert torch.equal(out, ref)
     else:  # PyTorch's CUDA reference divides by the scalar as a reciprocal multiply
-        torch.testing.assert_close(out, ref, rtol=torch.finfo(dtype).eps, atol=0)
+        torch.testing.assert_close(
+            out, ref, rtol=ROTATION_GPU_ULPS * torch.finfo(dtype).eps, atol=0
+        )
 
 
 def test_kernel_is_its_own_inverse_and_takes_the_model_blocks():
