@@ -18,7 +18,13 @@ from typing import Any
 from torch import fx
 
 from . import ops as _ops  # noqa: F401  (registers the stamp:: ops)
-from .analysis import Site, find_sites, looks_causal, unrecognised_linears
+from .analysis import (
+    Site,
+    find_padding_mask,
+    find_sites,
+    looks_causal,
+    unrecognised_linears,
+)
 from .config import (
     SOLVER_FIELDS,
     BackendOptions,
@@ -168,6 +174,7 @@ class StampCompiler:
             debug=writer,
             observer=self.observer.observe if self.observer else None,
             lowering=None if eager else self.lowering,
+            padding_mask=find_padding_mask(gm),
         )
         pass_records = run_passes(gm, ctx, EAGER_PASSES if eager else PASSES)
         pass_seconds = time.perf_counter() - start
