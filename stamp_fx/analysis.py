@@ -46,6 +46,7 @@ __all__ = [
     "looks_causal",
     "unrecognised_linears",
     "find_padding_mask",
+    "is_decode_graph",
     "mask_matches",
 ]
 
@@ -736,6 +737,24 @@ def _dedupe_keys(sites: list[Site]) -> None:
             seen[s.key] = n + 1
             if n:
                 s.slot = f"{s.slot}#{n}"
+
+
+# -- decode ----------------------------------------------------------------------------------
+
+
+def is_decode_graph(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` is a decode step: some ``scaled_dot_product_attention`` has a query of
+    statically one token and a key/value sequence that is not (the KV cache). A prefill, even
+    into a StaticCache, has a longer query; eager (softmax) attention is not inspected."""
+    for core in find_attention_cores(gm):
+        if core.kind != "sdpa":
+            continue
+        q, k = _example(core.q), _example(core.k)
+        if q is None or k is None or q.ndim < 2 or k.ndim < 2:
+            continue
+        if _static_int(q.shape[-2]) == 1 and _static_int(k.shape[-2]) != 1:
+            return True
+    return False
 
 
 # -- padding ---------------------------------------------------------------------------------
