@@ -27,6 +27,9 @@ eigendecomposition of the calibrated autocorrelation tensor, a data-dependent LA
 Inductor cannot fuse; the decomposition returns ``NotImplemented`` for it (and for any transform
 registered later without a decomposition), which leaves that op as an extern call to the
 reference implementation (:func:`ensure_extern_fallback` keeps that path open).
+``stamp::fake_quant_masked`` (padded batches, see :mod:`stamp_fx.ops`) has no decomposition
+at all: each row's real tokens are gathered by a data-dependent index, so Inductor calls its
+reference implementation as an extern kernel (``kernel_choice`` labels it ``reference``).
 
 Dynamic lengths: the length stays symbolic except where a concrete number is unavoidable, each
 case guarded by a helper in :mod:`.symbolic` (``levels=-1`` auto Haar levels and the WHT's

@@ -18,6 +18,10 @@ The answers, for a lowering with hand-written kernels (``auto``, the default; ``
   where no decomposition applies (``klt``; a symbolic length under auto Haar levels or the WHT),
   calls the reference.
 
+``stamp::fake_quant_masked`` (a padded batch: each row's real tokens form their own sequence,
+a data-dependent gather) has no decomposition and no kernel: it is always left to the
+reference (``Choice("reference")``), which Inductor calls as an extern kernel.
+
 The ``inductor`` lowering takes no hand-written kernel; ``reference`` keeps every node as an
 extern call (:func:`choose` is not called).
 """
@@ -143,6 +147,9 @@ def choose(node: fx.Node, *, hand_written: bool) -> Choice | None:
     if node.op != "call_function":
         return None
     fake_quant, hadamard = torch.ops.stamp.fake_quant, torch.ops.stamp.hadamard
+    masked = torch.ops.stamp.fake_quant_masked
+    if node.target in (masked, masked.default):
+        return Choice(REFERENCE)
     if node.target in (fake_quant, fake_quant.default):
         return _choose_fake_quant(node, hand_written)
     if node.target in (hadamard, hadamard.default):

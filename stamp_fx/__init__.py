@@ -20,7 +20,7 @@ from .allocation import (
     solve_token_bits,
 )
 from .api import calibrate, explain
-from .backend import CompileRecord, StampCompiler, stamp_backend
+from .backend import BitMeter, CompileRecord, StampCompiler, generation_bits, stamp_backend
 from .config import CONFIG_VERSION, StampConfig
 from .plan import AllocationPlan, SitePolicy, load_plan
 from .quantizer import TokenBits, compute_qparams, dequantize, fake_quant, quantize
@@ -46,7 +46,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AllocationPlan",
+    "BitMeter",
     "CompileRecord",
+    "generation_bits",
     "SitePolicy",
     "StampCompiler",
     "apply_plan_eager",

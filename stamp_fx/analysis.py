@@ -19,6 +19,10 @@ view/reshape/flatten/unflatten/contiguous/transpose/permute ops that keep the fe
 earliest ``[B, S, D]`` origin (``origin`` is then that node and the pass re-applies the chain);
 anything else is not quantized, with a reason. :func:`unrecognised_linears` names matmul-family
 calls on parameters that are not recognised as linear layers (the backend warns about them).
+
+Padding: :func:`find_padding_mask` finds the HF ``attention_mask`` graph input (a
+``[batch, seq]`` integer or bool placeholder named after it; nonzero = real token), which the
+pass hands to the sites whose ``[batch, seq]`` sizes it matches.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ __all__ = [
     "module_fqn",
     "looks_causal",
     "unrecognised_linears",
+    "find_padding_mask",
+    "is_decode_graph",
+    "mask_matches",
 ]
 
 _LINEAR_FUNCTIONS = {torch._C._nn.linear, F.linear, torch.ops.aten.linear.default}
@@ -414,7 +421,10 @@ def _eager_core(softmax: fx.Node) -> AttentionCore | None:
 
 def looks_causal(gm: fx.GraphModule) -> bool:
     """Whether the graph is a causal LM: some SDPA call has ``is_causal=True`` or the model
-    modules are decoder layers of a ``*ForCausalLM`` / ``*LMHeadModel`` class."""
+    modules are decoder layers (``*DecoderLayer``) or a ``*ForCausalLM`` / ``*LMHeadModel``
+    class. The root module is not in ``nn_module_stack``, and a padded batch (an
+    ``attention_mask``) gives SDPA an explicit causal mask with ``is_causal=False``, so the
+    decoder-layer class is what still says "causal" there."""
     for node in gm.graph.nodes:
         if (
             node.op == "call_function"
@@ -424,7 +434,9 @@ def looks_causal(gm: fx.GraphModule) -> bool:
             return True
         for _path, cls in (node.meta.get("nn_module_stack") or {}).values():
             name = getattr(cls, "__name__", str(cls))
-            if name.endswith(("ForCausalLM", "LMHeadModel")) or "CausalLM" in name:
+            if name.endswith(("ForCausalLM", "LMHeadModel", "DecoderLayer")) or (
+                "CausalLM" in name or "DecoderLayer" in name
+            ):
                 return True
     return False
 
@@ -725,3 +737,52 @@ def _dedupe_keys(sites: list[Site]) -> None:
             seen[s.key] = n + 1
             if n:
                 s.slot = f"{s.slot}#{n}"
+
+
+# -- decode ----------------------------------------------------------------------------------
+
+
+def is_decode_graph(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` is a decode step: some ``scaled_dot_product_attention`` has a query of
+    statically one token and a key/value sequence that is not (the KV cache). A prefill, even
+    into a StaticCache, has a longer query; eager (softmax) attention is not inspected."""
+    for core in find_attention_cores(gm):
+        if core.kind != "sdpa":
+            continue
+        q, k = _example(core.q), _example(core.k)
+        if q is None or k is None or q.ndim < 2 or k.ndim < 2:
+            continue
+        if _static_int(q.shape[-2]) == 1 and _static_int(k.shape[-2]) != 1:
+            return True
+    return False
+
+
+# -- padding ---------------------------------------------------------------------------------
+
+_MASK_DTYPES = {torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64}
+
+
+def find_padding_mask(gm: fx.GraphModule) -> fx.Node | None:
+    """The graph input holding an HF-style padding mask, or None: a placeholder whose name
+    contains ``attention_mask`` (Dynamo names inputs after their source, e.g.
+    ``l_kwargs_attention_mask_``) with a rank-2 integer/bool example value ``[batch, seq]``.
+    A 4-d or float (additive) mask is not a padding mask in this sense and is ignored."""
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or "attention_mask" not in node.name:
+            continue
+        t = _example(node)
+        if t is not None and t.ndim == 2 and t.dtype in _MASK_DTYPES:
+            return node
+    return None
+
+
+def mask_matches(mask: fx.Node, x: fx.Node, seq_dim: int) -> bool:
+    """Whether a ``[batch, seq]`` mask describes the tokens of ``x`` along ``seq_dim``: same
+    batch and sequence sizes (symbolic sizes compared as expressions), and a batch that is not
+    statically one (a batch of one is taken as unpadded, so it compiles without the mask)."""
+    m, t = _example(mask), _example(x)
+    if m is None or t is None or t.ndim <= seq_dim or seq_dim < 1:
+        return False
+    if _static_int(t.shape[0]) == 1:
+        return False
+    return _same_size(m.shape[0], t.shape[0]) and _same_size(m.shape[1], t.shape[seq_dim])

@@ -5,10 +5,18 @@
 Options are validated by :func:`stamp_fx.config.from_options`; ``mode`` is mapped onto Inductor's
 config (``default``, ``reduce-overhead``, ``max-autotune``, ``max-autotune-no-cudagraphs``) and
 rejected when Inductor is off. Every compiled graph is kept in ``StampCompiler.records``.
+
+Decode: a graph whose attention query is one token reading a longer KV cache
+(:func:`stamp_fx.analysis.is_decode_graph`) is planned with ``decode=True`` (its one-token linear
+inputs get ``decode_bits``, see :func:`stamp_fx.policy.decode_policy`). ``with
+compiler.bit_meter() as meter:`` counts, call by call, the average activation bits of what the
+compiled graphs quantize (prefill and decode apart; :func:`generation_bits` wraps a
+``generate()``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,7 +26,14 @@ from typing import Any
 from torch import fx
 
 from . import ops as _ops  # noqa: F401  (registers the stamp:: ops)
-from .analysis import Site, find_sites, looks_causal, unrecognised_linears
+from .analysis import (
+    Site,
+    find_padding_mask,
+    find_sites,
+    is_decode_graph,
+    looks_causal,
+    unrecognised_linears,
+)
 from .config import (
     SOLVER_FIELDS,
     BackendOptions,
@@ -33,7 +48,15 @@ from .passes import EAGER_PASSES, PASSES, PassContext, PassRecord, run_passes
 from .plan import AllocationPlan, load_plan
 from .policy import fit_plan, plan_sites
 
-__all__ = ["StampCompiler", "CompileRecord", "stamp_backend", "INDUCTOR_MODES"]
+__all__ = [
+    "StampCompiler",
+    "CompileRecord",
+    "BitMeter",
+    "graph_bits",
+    "generation_bits",
+    "stamp_backend",
+    "INDUCTOR_MODES",
+]
 
 INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -102,6 +125,7 @@ class StampCompiler:
         self.causal = causal
         self.observer = observer
         self.records: list[CompileRecord] = []
+        self._meter: BitMeter | None = None
 
     @classmethod
     def from_options(
@@ -132,11 +156,12 @@ class StampCompiler:
             )
             sites = []
         causal = looks_causal(gm) if self.causal is None else self.causal
+        decode = _is_decode(gm)
         if self.plan is not None:
             _warn_plan_coverage(sites, self.plan)
             plan, conflicts = fit_plan(sites, self.plan)
         else:
-            plan, conflicts = plan_sites(sites, self.config, causal=causal)
+            plan, conflicts = plan_sites(sites, self.config, causal=causal, decode=decode)
         missed = _unrecognised_linears(gm)
         if missed:
             warnings.warn(
@@ -168,6 +193,7 @@ class StampCompiler:
             debug=writer,
             observer=self.observer.observe if self.observer else None,
             lowering=None if eager else self.lowering,
+            padding_mask=find_padding_mask(gm),
         )
         pass_records = run_passes(gm, ctx, EAGER_PASSES if eager else PASSES)
         pass_seconds = time.perf_counter() - start
@@ -175,18 +201,43 @@ class StampCompiler:
             writer.write_plan(plan)
             writer.write_text("sites.txt", format_site_table(sites, plan))
         compiled = self._lower(gm, example_inputs)
-        self.records.append(
-            CompileRecord(
-                graph=gm,
-                sites=sites,
-                plan=plan,
-                passes=pass_records,
-                pass_seconds=pass_seconds,
-                compile_seconds=time.perf_counter() - start,
-                debug_dir=str(writer.dir) if writer is not None else None,
-            )
+        bits = graph_bits(sites, plan)
+        record = CompileRecord(
+            graph=gm,
+            sites=sites,
+            plan=plan,
+            passes=pass_records,
+            pass_seconds=pass_seconds,
+            compile_seconds=time.perf_counter() - start,
+            debug_dir=str(writer.dir) if writer is not None else None,
+            extra={"decode": decode, "bits": bits},
         )
-        return compiled
+        self.records.append(record)
+        return self._metered(compiled, record)
+
+    def _metered(self, compiled: Callable, record: CompileRecord) -> Callable:
+        """``compiled``, counting each call into the active :meth:`bit_meter` (one attribute
+        test per call when none is active); Dynamo's calling convention is kept."""
+
+        def run(*args, **kwargs):
+            meter = self._meter
+            if meter is not None:
+                meter.add(record)
+            return compiled(*args, **kwargs)
+
+        if getattr(compiled, "_boxed_call", False):
+            run._boxed_call = True
+        return run
+
+    @contextlib.contextmanager
+    def bit_meter(self):
+        """``with compiler.bit_meter() as meter: model(...)``: a :class:`BitMeter` of every call
+        of a graph this compiler compiled (before or inside the block)."""
+        meter = self._meter = BitMeter()
+        try:
+            yield meter
+        finally:
+            self._meter = None
 
     def _lower(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         if not self.options.inductor or self.observer is not None:
@@ -215,6 +266,104 @@ class StampCompiler:
             tensors=tensors,
             meta=meta,
         )
+
+
+def _is_decode(gm: fx.GraphModule) -> bool:
+    try:
+        return is_decode_graph(gm)
+    except Exception:  # an unforeseen graph shape: plan it as a prefill
+        return False
+
+
+def graph_bits(sites: Sequence[Site], plan: AllocationPlan) -> tuple[float, int] | None:
+    """``(sum of bits, elements)`` over the tensors one call of a graph quantizes (each
+    quantized tensor once, however many linears read it; a Haar transform's zero padding
+    counted, since its coefficients are stored too), or None when a quantized tensor has a
+    symbolic size. Unquantized sites (LM head, skipped) are not activations at low bits and
+    are left out: the average is over what STaMP quantizes."""
+    bit_sum, elements, seen = 0.0, 0, set()
+    for site in sites:
+        policy = plan.sites.get(site.key)
+        if policy is None or site.origin is None or site.seq_dim is None:
+            continue
+        ident = (site.origin, site.seq_dim)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        if not site.shape or not all(d.isdigit() for d in site.shape):
+            return None
+        shape = [int(d) for d in site.shape]
+        length = shape[site.seq_dim]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if length == 0 or numel == 0:
+            continue
+        try:
+            transform = policy.make_transform(plan.tensors)
+        except ValueError:  # klt before calibration has filled in its basis
+            return None
+        vector = policy.bit_vector(transform, length)
+        bit_sum += sum(vector) * (numel // length)
+        elements += numel
+    return bit_sum, elements
+
+
+@dataclass
+class BitMeter:
+    """Average activation bits over the calls it saw, prefill (every graph that is not a
+    decode step) and decode apart. ``unmeasured`` counts calls of graphs with symbolic sizes."""
+
+    bits: dict = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
+    elements: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    calls: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    unmeasured: int = 0
+
+    def add(self, record: CompileRecord) -> None:
+        kind = "decode" if record.extra.get("decode") else "prefill"
+        self.calls[kind] += 1
+        counted = record.extra.get("bits")
+        if counted is None:
+            self.unmeasured += 1
+            return
+        self.bits[kind] += counted[0]
+        self.elements[kind] += counted[1]
+
+    def average(self, kind: str | None = None) -> float:
+        """Bits per quantized activation element (``kind``: "prefill", "decode", None = all)."""
+        kinds = ("prefill", "decode") if kind is None else (kind,)
+        n = sum(self.elements[k] for k in kinds)
+        return sum(self.bits[k] for k in kinds) / n if n else float("nan")
+
+    def summary(self) -> str:
+        return (
+            f"average activation bits {self.average():.3f} (prefill {self.average('prefill'):.3f}"
+            f" over {self.calls['prefill']} call(s), decode {self.average('decode'):.3f} over "
+            f"{self.calls['decode']} call(s)"
+            + (
+                f"; {self.unmeasured} call(s) with symbolic sizes not counted"
+                if self.unmeasured
+                else ""
+            )
+            + ")"
+        )
+
+
+def generation_bits(model, compiler: StampCompiler | None = None, **generate_kwargs) -> BitMeter:
+    """Run ``model.generate(**generate_kwargs)`` with ``model.forward`` compiled by ``compiler``
+    (default ``StampCompiler()``) and return the :class:`BitMeter` of that whole generation
+    (the prefill call and every decode step). ``model.forward`` is restored afterwards."""
+    import torch
+
+    compiler = compiler or StampCompiler()
+    forward = model.forward
+    model.forward = torch.compile(forward, backend=compiler)
+    try:
+        with compiler.bit_meter() as meter, torch.no_grad():
+            model.generate(**generate_kwargs)
+    finally:
+        model.forward = forward
+    return meter
 
 
 def _warn_unhandled(sites: Sequence[Site], plan: AllocationPlan) -> None:

@@ -74,6 +74,11 @@ class StampConfig:
     (block-)Hadamard (QuaRot style; blocks of the largest power of two dividing the features)."""
     quantize_kv: bool = False
     """Also quantize keys and values at the attention input along the sequence (KV4.125)."""
+    decode_bits: int | None = None
+    """Bits of the token of a decode step (a graph whose attention query is one new token
+    reading a longer KV cache): plain per-token min-max, no sequence transform, no sink (the
+    sink is the cached first position). None = ``high_bits``, what a one-token sequence got
+    before this option existed; ``decode_bits=low_bits`` keeps generation at the low width."""
     enabled: bool = True
     """False compiles the model without inserting any quantization (a control run)."""
     overrides: tuple[tuple[str, Any], ...] = ()
@@ -149,6 +154,8 @@ class StampConfig:
             raise ValueError(
                 f"feature_transform: unknown {self.feature_transform!r}; valid: {', '.join(FEATURE_TRANSFORMS)}"
             )
+        if self.decode_bits is not None:
+            validate_bits(self.decode_bits, "decode_bits")
         for name in ("quantize_kv", "enabled"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be True or False, got {getattr(self, name)!r}")

@@ -9,6 +9,15 @@ separate op, ``torch.ops.stamp.hadamard(x, block)``, placed before and after it.
 ``x`` (contiguous; so Dynamo and Inductor never graph-break and symbolic sequence lengths stay symbolic);
 the real impl is :meth:`SitePolicy.apply`, i.e. ``reference.py``. Gradients pass straight through
 (the straight-through estimator), so the op also works under autograd.
+
+``torch.ops.stamp.fake_quant_masked(x, mask, seq_dim, ...)`` (the same arguments after ``mask``)
+is the padding-aware form, inserted only when the model is called with a padded batch (an HF
+``attention_mask``, ``[batch, seq]``, nonzero = real token): each batch row's real tokens are
+quantized as a sequence of their own (:func:`masked_apply`: gathered in order, so under left
+padding the sink is the first real token), and pad positions pass through unchanged. Pad
+positions therefore change no real token's transform, range or bits. Unmasked and batch-of-one
+graphs keep the plain op. It has no Inductor decomposition (the gather is data-dependent), so
+Inductor calls this reference implementation for it.
 """
 
 from __future__ import annotations
@@ -20,7 +29,14 @@ from .allocation import SpectralBitPlan
 from .plan import SitePolicy
 from .transforms import block_hadamard
 
-__all__ = ["fake_quant_op", "hadamard_op", "op_args", "policy_from_op_args"]
+__all__ = [
+    "fake_quant_op",
+    "fake_quant_masked_op",
+    "hadamard_op",
+    "masked_apply",
+    "op_args",
+    "policy_from_op_args",
+]
 
 
 def op_args(policy: SitePolicy, seq_dim: int) -> tuple:
@@ -112,6 +128,68 @@ def _straight_through(ctx, grad):
 
 
 fake_quant_op.register_autograd(_straight_through, setup_context=_setup_context)
+
+
+def masked_apply(policy: SitePolicy, x: Tensor, mask: Tensor, seq_dim: int, tensors=None) -> Tensor:
+    """``policy.apply_sequence`` on each batch row's real tokens (``mask[b] != 0``) as a
+    sequence of their own; pad positions are returned unchanged. ``x`` is ``[B, ..., S, ..., D]``
+    with the batch first and ``mask`` is ``[B, S]``."""
+    seq_dim = seq_dim % x.ndim
+    if seq_dim == 0 or mask.ndim != 2 or tuple(mask.shape) != (x.shape[0], x.shape[seq_dim]):
+        raise ValueError(
+            f"stamp::fake_quant_masked: attention_mask must be [batch, seq] = "
+            f"{(x.shape[0], x.shape[seq_dim])}, got {tuple(mask.shape)}"
+        )
+    real = mask != 0
+    if bool(real.all()):
+        return policy.apply_sequence(x, seq_dim, tensors).contiguous()
+    out = x.clone(memory_format=torch.contiguous_format)
+    for b in range(x.shape[0]):
+        index = real[b].nonzero().squeeze(1).to(x.device)
+        if index.numel() == 0:
+            continue
+        row = x[b : b + 1].index_select(seq_dim, index)
+        out[b : b + 1].index_copy_(seq_dim, index, policy.apply_sequence(row, seq_dim, tensors))
+    return out
+
+
+@torch.library.custom_op("stamp::fake_quant_masked", mutates_args=())
+def fake_quant_masked_op(
+    x: Tensor,
+    mask: Tensor,
+    seq_dim: int,
+    transform: str,
+    levels: int,
+    grid: list[int],
+    sink_tokens: int,
+    high_tokens: int,
+    high_bits: int,
+    low_bits: int,
+    band_edges: list[float],
+    band_bits: list[int],
+    symmetric: bool,
+    group_size: int,
+    autocorr: Tensor | None = None,
+) -> Tensor:
+    policy = policy_from_op_args(
+        transform, levels, grid, sink_tokens, high_tokens, high_bits, low_bits,
+        band_edges, band_bits, symmetric, group_size, autocorr is not None,
+    )  # fmt: skip
+    tensors = {"autocorr": autocorr} if autocorr is not None else None
+    return masked_apply(policy, x, mask, seq_dim, tensors)
+
+
+@fake_quant_masked_op.register_fake
+def _(x, mask, seq_dim, transform, levels, grid, sink_tokens, high_tokens, high_bits, low_bits,
+      band_edges, band_bits, symmetric, group_size, autocorr=None):  # fmt: skip
+    return x.new_empty(x.shape)
+
+
+def _straight_through_masked(ctx, grad):
+    return (grad,) + (None,) * 14
+
+
+fake_quant_masked_op.register_autograd(_straight_through_masked, setup_context=_setup_context)
 
 
 @torch.library.custom_op("stamp::hadamard", mutates_args=())

@@ -8,7 +8,12 @@ Defaults, in order (the first that applies decides):
 3. K/V at the attention input are skipped unless ``quantize_kv``;
 4. linears that project another sequence into cross-attention K/V (text tokens) get the
    ``identity`` transform: text is not locally correlated like image or token sequences;
-5. everything else gets the config's policy, with ``sink_tokens`` resolved for the model.
+5. everything else gets the config's policy, with ``sink_tokens`` resolved for the model;
+6. in a decode step (``decode=True``: the graph's attention query is one new token reading a KV
+   cache, :func:`stamp_fx.analysis.is_decode_graph`) a linear input of one token gets
+   :func:`decode_policy`: per-token min-max at ``decode_bits`` (default ``high_bits``), no
+   transform, no sink. K/V sites of a decode step keep rule 5 (see the README: the cache is
+   re-quantized at every step; quantize-on-write is not implemented).
 
 Then overrides apply in order (``_default`` first): a dict of policy fields replaces those
 fields, ``"skip"`` removes the site. Patterns that match no site raise a warning.
@@ -30,7 +35,31 @@ from .analysis import Site
 from .config import StampConfig
 from .plan import AllocationPlan, SitePolicy
 
-__all__ = ["build_plan", "plan_sites", "fit_plan", "site_conflict", "pattern_matches"]
+__all__ = [
+    "build_plan",
+    "plan_sites",
+    "fit_plan",
+    "site_conflict",
+    "pattern_matches",
+    "decode_policy",
+]
+
+
+def decode_policy(config: StampConfig) -> SitePolicy:
+    """What the token of a decode step gets: per-token min-max at ``decode_bits`` (None:
+    ``high_bits``), identity transform, no sink (STAMP.md section 5: a transform over one token
+    is the identity, and the sink is the first cached position, not the new token)."""
+    bits = config.high_bits if config.decode_bits is None else config.decode_bits
+    return SitePolicy(
+        transform="identity",
+        feature_transform=config.feature_transform,
+        sink_tokens=0,
+        high_tokens=0,
+        high_bits=max(bits, config.high_bits),
+        low_bits=bits,
+        symmetric=config.symmetric,
+        group_size=config.group_size,
+    )
 
 
 def pattern_matches(pattern: str, fqn: str, key: str) -> bool:
@@ -43,7 +72,9 @@ def pattern_matches(pattern: str, fqn: str, key: str) -> bool:
     return pattern in (fqn, key)
 
 
-def _default_policy(site: Site, config: StampConfig, sink_tokens: int) -> SitePolicy | str:
+def _default_policy(
+    site: Site, config: StampConfig, sink_tokens: int, decode: bool = False
+) -> SitePolicy | str:
     """The policy for one site, or the reason it is skipped."""
     if site.reason is not None:
         return site.reason
@@ -51,6 +82,8 @@ def _default_policy(site: Site, config: StampConfig, sink_tokens: int) -> SitePo
         return "outside the repeated blocks (LM head, embeddings, conditioning MLPs)"
     if site.slot.startswith(("k", "v")) and not config.quantize_kv:
         return "K/V quantization is off (options quantize_kv=True enables it)"
+    if decode and site.slot.startswith("in") and _static_length(site) == 1:
+        return decode_policy(config)
     policy = SitePolicy.from_config(config, sink_tokens=sink_tokens)
     if site.cross:
         # Text tokens are not a locally correlated sequence: plain per-token quantization.
@@ -135,14 +168,24 @@ def _apply_override(policy: SitePolicy | str, spec, sink_tokens: int) -> SitePol
 
 
 def build_plan(
-    sites: Sequence[Site], config: StampConfig, *, causal: bool, meta: dict | None = None
+    sites: Sequence[Site],
+    config: StampConfig,
+    *,
+    causal: bool,
+    meta: dict | None = None,
+    decode: bool = False,
 ) -> AllocationPlan:
     """Decide every site's policy (see the module docstring)."""
-    return plan_sites(sites, config, causal=causal, meta=meta)[0]
+    return plan_sites(sites, config, causal=causal, meta=meta, decode=decode)[0]
 
 
 def plan_sites(
-    sites: Sequence[Site], config: StampConfig, *, causal: bool, meta: dict | None = None
+    sites: Sequence[Site],
+    config: StampConfig,
+    *,
+    causal: bool,
+    meta: dict | None = None,
+    decode: bool = False,
 ) -> tuple[AllocationPlan, dict[str, str]]:
     """:func:`build_plan`, also returning the sites skipped because an option does not fit
     them (``{key: reason}``, see :func:`site_conflict`): the backend warns about those."""
@@ -152,7 +195,7 @@ def plan_sites(
     decided: dict[str, SitePolicy | str] = {}
     for site in sites:
         policy = (
-            _default_policy(site, config, sink_tokens)
+            _default_policy(site, config, sink_tokens, decode)
             if config.enabled
             else "quantization disabled (enabled=False)"
         )
@@ -168,6 +211,11 @@ def plan_sites(
     plan = AllocationPlan(
         sites={k: v for k, v in decided.items() if isinstance(v, SitePolicy)},
         skipped={k: v for k, v in decided.items() if isinstance(v, str)},
-        meta={"config": config.to_dict(), "causal": causal, **(meta or {})},
+        meta={
+            "config": config.to_dict(),
+            "causal": causal,
+            **({"decode": True} if decode else {}),
+            **(meta or {}),
+        },
     )
     return fit_plan(sites, plan)

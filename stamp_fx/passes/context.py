@@ -36,11 +36,13 @@ class PassContext:
     """Inputs of the passes. ``observer``, when set, replaces quantization by a call
     ``observer(x, site_keys, seq_dim) -> x`` (calibration runs the graph eagerly).
     ``lowering`` (a :class:`stamp_fx.lowering.Lowering`, None when the graph runs eagerly)
-    chooses the op that runs each inserted node."""
+    chooses the op that runs each inserted node. ``padding_mask`` is the graph's
+    ``attention_mask`` input (:func:`stamp_fx.analysis.find_padding_mask`), or None."""
 
     sites: list[Site]
     plan: AllocationPlan
     debug: Any = None
     observer: Callable | None = None
     lowering: Any = None
+    padding_mask: Any = None
     extra: dict = field(default_factory=dict)

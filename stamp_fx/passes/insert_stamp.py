@@ -6,6 +6,11 @@ quantized tensor: quantize once, not once per consumer. A flattened ``[B*S, D]``
 layout chain, see ``analysis._sequence_origin``) is quantized at its ``[B, S, D]`` origin and
 the chain is re-applied. Running the pass again finds
 the inserted ops and adds nothing (idempotent).
+
+Padded batches: when the graph has an ``attention_mask`` input (``ctx.padding_mask``) whose
+``[batch, seq]`` sizes match a site's, that site gets ``stamp::fake_quant_masked`` (each row's
+real tokens quantized as a sequence of their own) instead of ``stamp::fake_quant``. Graphs
+without a mask, and batches that are statically one, get exactly the plain op.
 """
 
 from __future__ import annotations
@@ -13,16 +18,18 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from ..analysis import mask_matches
 from ..ops import op_args
 from .context import PassContext, StampMeta
 
 STAMP_OP = torch.ops.stamp.fake_quant.default
+MASKED_OP = torch.ops.stamp.fake_quant_masked.default
 HADAMARD_OP = torch.ops.stamp.hadamard.default
 
 
 def _is_stamp(node: object) -> bool:
     return isinstance(node, fx.Node) and (
-        node.target in (STAMP_OP, HADAMARD_OP) or node.meta.get("stamp_observer", False)
+        node.target in (STAMP_OP, MASKED_OP, HADAMARD_OP) or node.meta.get("stamp_observer", False)
     )
 
 
@@ -45,9 +52,10 @@ def _annotate(node: fx.Node, origin: fx.Node, meta: StampMeta, consumer: fx.Node
     node.meta["nn_module_stack"] = consumer.meta.get("nn_module_stack", {})
 
 
-def _insert_quantizer(gm, origin, policy, seq_dim, features, autocorr) -> list[fx.Node]:
+def _insert_quantizer(gm, origin, policy, seq_dim, features, autocorr, mask=None) -> list[fx.Node]:
     """``fake_quant(origin)``, or ``hadamard(fake_quant(hadamard(origin)))`` with a feature
-    rotation, inserted right after ``origin``; returns the new nodes, the replacement last."""
+    rotation, inserted right after ``origin``; returns the new nodes, the replacement last.
+    With a padding ``mask`` the quantizer is ``fake_quant_masked(x, mask, ...)``."""
     block = policy.feature_block(features) if features else None
     if policy.feature_transform != "none" and block is None:
         raise ValueError(
@@ -55,7 +63,10 @@ def _insert_quantizer(gm, origin, policy, seq_dim, features, autocorr) -> list[f
         )
     nodes: list[fx.Node] = []
     current = origin
-    steps = [(STAMP_OP, (*op_args(policy, seq_dim), autocorr))]
+    if mask is None:
+        steps = [(STAMP_OP, (*op_args(policy, seq_dim), autocorr))]
+    else:
+        steps = [(MASKED_OP, (mask, *op_args(policy, seq_dim), autocorr))]
     if block is not None:
         steps = [(HADAMARD_OP, (block,)), *steps, (HADAMARD_OP, (block,))]
     for target, args in steps:
@@ -129,8 +140,15 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
         flat_origin = None
         if unflatten is not None:  # [B*S, F] -> [B, S, F] here, and back after quantizing
             flat_origin, origin = origin, _unflatten(gm, origin, unflatten)
+        mask = ctx.padding_mask
+        if mask is not None and (
+            ctx.observer is not None or not mask_matches(mask, origin, seq_dim)
+        ):
+            mask = None
         meta = StampMeta(
-            tuple(s.key for s in sites), tuple(s.role for s in sites), policy.describe()
+            tuple(s.key for s in sites),
+            tuple(s.role for s in sites),
+            policy.describe() + (" padding-mask" if mask is not None else ""),
         )
         autocorr = (
             None if ctx.observer is not None else _autocorr_node(gm, ctx, policy.autocorr_key)
@@ -141,7 +159,9 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
                 new_nodes = [gm.graph.call_function(ctx.observer, (origin, keys, seq_dim))]
             new_nodes[0].meta["stamp_observer"] = True
         else:
-            new_nodes = _insert_quantizer(gm, origin, policy, seq_dim, sites[0].features, autocorr)
+            new_nodes = _insert_quantizer(
+                gm, origin, policy, seq_dim, sites[0].features, autocorr, mask
+            )
         for node in new_nodes:
             _annotate(node, origin, meta, sites[0].consumer)
         quant = new_nodes[-1]
