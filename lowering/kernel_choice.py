@@ -142,6 +142,36 @@ def _choose_hadamard(node: fx.Node, hand_written: bool) -> Choice:
     return Choice("hadamard kernel", torch.ops.stamp.hadamard_kernel.default, (args[0], block))
 
 
+def _choose_masked(node: fx.Node, hand_written: bool) -> Choice:
+    """A padded batch's site: no decomposition (each row's real tokens are a sequence of their
+    own), so the reference, or on CUDA the Haar kernel once per call (a batch without padding)
+    or once per row (``stamp::haar_fake_quant_masked``)."""
+    from .decompositions import policy_of
+
+    op = torch.ops.stamp.fake_quant_masked.default
+    args = _bound_arguments(op, node)
+    args = [args[0], args[1], *(_concrete_arg(a) for a in args[2:])]
+    x, seq_dim, autocorr = _value(args[0]), args[2], args[-1]
+    if x is None or autocorr is not None or not hand_written or x.device.type != "cuda":
+        return Choice(REFERENCE)
+    try:
+        policy = policy_of(*args[3:])
+    except ValueError:
+        return Choice(REFERENCE)
+    from . import triton_haar
+
+    if not triton_haar.eligible(x, policy, seq_dim) or seq_dim % x.ndim == 0:
+        return Choice(REFERENCE)
+    levels = -1 if policy.levels is None else policy.levels
+    kernel_args = (
+        args[0], args[1], levels, policy.sink_tokens, policy.high_tokens, policy.high_bits,
+        policy.low_bits, policy.symmetric,
+    )  # fmt: skip
+    return Choice(
+        "haar kernel (padded rows)", torch.ops.stamp.haar_fake_quant_masked.default, kernel_args
+    )
+
+
 def choose(node: fx.Node, *, hand_written: bool) -> Choice | None:
     """What runs ``node`` (None: not a ``stamp::`` op this module decides)."""
     if node.op != "call_function":
@@ -149,7 +179,7 @@ def choose(node: fx.Node, *, hand_written: bool) -> Choice | None:
     fake_quant, hadamard = torch.ops.stamp.fake_quant, torch.ops.stamp.hadamard
     masked = torch.ops.stamp.fake_quant_masked
     if node.target in (masked, masked.default):
-        return Choice(REFERENCE)
+        return _choose_masked(node, hand_written)
     if node.target in (fake_quant, fake_quant.default):
         return _choose_fake_quant(node, hand_written)
     if node.target in (hadamard, hadamard.default):

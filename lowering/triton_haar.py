@@ -686,8 +686,51 @@ def _(x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric):
     return x.new_empty(x.shape)
 
 
+@torch.library.custom_op("stamp::haar_fake_quant_masked", mutates_args=())
+def haar_fake_quant_masked_op(
+    x: Tensor,
+    mask: Tensor,
+    levels: int,
+    sink_tokens: int,
+    high_tokens: int,
+    high_bits: int,
+    low_bits: int,
+    symmetric: bool,
+) -> Tensor:
+    """``torch.ops.stamp.haar_fake_quant_masked``: ``stamp::fake_quant_masked`` (each batch
+    row's real tokens, ``mask[b] != 0``, quantized as a sequence of their own; pads unchanged)
+    on the kernel. ``x`` is ``[B, ..., S, D]`` (batch first, sequence on dim -2), ``mask``
+    ``[B, S]``. A batch without padding is one kernel call; a padded one, one per row (the
+    depth decided per call, as :func:`haar_fake_quant_dynamic_op` does)."""
+    if mask.ndim != 2 or tuple(mask.shape) != (x.shape[0], x.shape[-2]):
+        raise ValueError(
+            f"stamp::haar_fake_quant_masked: attention_mask must be [batch, seq] = "
+            f"{(x.shape[0], x.shape[-2])}, got {tuple(mask.shape)}"
+        )
+    args = (levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric)
+    real = mask != 0
+    if bool(real.all()):
+        return haar_fake_quant_dynamic_op(x, *args)
+    out = x.clone(memory_format=torch.contiguous_format)
+    for b in range(x.shape[0]):
+        index = real[b].nonzero().squeeze(1).to(x.device)
+        if index.numel():
+            row = x[b : b + 1].index_select(-2, index)
+            out[b : b + 1].index_copy_(-2, index, haar_fake_quant_dynamic_op(row, *args))
+    return out
+
+
+@haar_fake_quant_masked_op.register_fake
+def _(x, mask, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric):
+    return x.new_empty(x.shape)
+
+
 def _straight_through(ctx, grad):
     return (grad,) + (None,) * 6
+
+
+def _straight_through_masked(ctx, grad):
+    return (grad,) + (None,) * 7
 
 
 def _no_context(ctx, inputs, output) -> None:
@@ -696,3 +739,4 @@ def _no_context(ctx, inputs, output) -> None:
 
 for _op in (haar_fake_quant_op, haar_fake_quant_dynamic_op):
     _op.register_autograd(_straight_through, setup_context=_no_context)
+haar_fake_quant_masked_op.register_autograd(_straight_through_masked, setup_context=_no_context)

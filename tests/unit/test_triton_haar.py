@@ -250,3 +250,25 @@ def test_kernels_call_no_triton_standard_library_helpers():
     for module in (triton_haar, haar_rows, triton_common):
         called = set(re.findall(r"\btl\.(\w+)\(", inspect.getsource(module)))
         assert not called & helpers, (module.__name__, called & helpers)
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 32), (2, 2, 33, 16)])
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_masked_kernel_op_equals_the_padded_reference(shape, padding):
+    """Padded batches on the kernel: each row's real tokens are a sequence of their own."""
+    from stamp_fx.ops import masked_apply
+
+    x = randn(shape, 11, torch.float32).to(DEVICE)
+    batch, seq = shape[0], shape[-2]
+    mask = torch.ones(batch, seq, dtype=torch.long, device=DEVICE)
+    if padding == "left":
+        mask[0, :7], mask[-1, :1] = 0, 0
+    elif padding == "right":
+        mask[0, -9:] = 0
+    policy = SitePolicy(sink_tokens=1, high_tokens=4)
+    ref = masked_apply(policy, x, mask, len(shape) - 2)
+    out = torch.ops.stamp.haar_fake_quant_masked(x, mask, -1, 1, 4, 8, 4, False)
+    if DEVICE == "cpu":
+        assert torch.equal(out, ref)
+    else:
+        assert_fused_close(out, ref)
