@@ -9,7 +9,7 @@ embedding cosine versus the float model. Activations are quantized through
 ``torch.compile(backend="stamp")`` without Inductor (the reference numerics); weights once, by
 ``stamp_fx.quantize_weights``, before compiling.
 
-    python -m benchmarks.bench_weights --quick                 # seconds-to-a-minute smoke run
+    python -m benchmarks.bench_weights --quick                 # smoke run: ~1-2 min on 2 cores
     python -m benchmarks.bench_weights --model smollm2         # 4 x 512 tokens, a few minutes
     python -m benchmarks.bench_weights --model minilm
 """
@@ -27,7 +27,14 @@ from benchmarks.harness import base_parser, emit
 from stamp_fx import assets, quantize_weights, sqnr_db
 from stamp_fx.evaluation import Method, average_bits, compile_method, perplexity, token_windows
 
-STAMP_DEFAULT = Method("STaMP default", {}, "haar, 64 tokens at 8, rest 4, sinks auto")
+STAMP = {
+    "default": Method(
+        "STaMP", {}, "the backend's defaults: haar, 64 tokens at 8, rest 4, sinks auto"
+    ),
+    "hadamard": Method(
+        "STaMP+H", {"feature_transform": "hadamard"}, "the defaults plus the online block-Hadamard"
+    ),
+}
 
 
 def _weights(model, spec, calib):
@@ -69,10 +76,17 @@ def smollm2(args) -> list[list[object]]:
         {"method": "rtn", "bits": 4, "group": None},
         {"method": "gptq", "bits": 4, "group": None},
     ]
+    if args.quick:  # GPTQ over SmolLM2's 210 linears is a minute or more on 2 cores
+        specs = specs[:2]
+    if args.stamp_only:
+        specs = specs[:3]
     rows, base = [], None
     for spec in specs:
         wmodel, wsec, _ = _weights(loaded.model, spec, calib_batches)
-        acts = [None, STAMP_DEFAULT] if spec is None or spec["group"] == g else [None]
+        stamp = STAMP[args.stamp]
+        acts = [None, stamp] if spec is None or spec["group"] == g else [None]
+        if args.stamp_only:
+            acts = [None, stamp] if spec is None else [stamp]
         for act in acts:
             method = act or Method("A16", None)
             model, compiler = compile_method(wmodel, method, inductor=False)
@@ -84,7 +98,7 @@ def smollm2(args) -> list[list[object]]:
             )
             base = res.ppl if base is None else base
             flat = "flattering (Q4_1 source grid)" if spec is not None else ""
-            name = f"{_wname(spec)} A{'16' if act is None else f'{bits:.3f} STaMP'}"
+            name = f"{_wname(spec)} A{'16' if act is None else f'{bits:.3f} {act.name}'}"
             rows.append(
                 [name, round(base, 3), round(res.ppl, 3), f"{100 * (res.ppl / base - 1):+.1f}%",
                  round(wsec, 1), flat]
@@ -126,6 +140,8 @@ def minilm(args) -> list[list[object]]:
         {"method": "gptq", "bits": 4, "group": None},
         {"method": "rtn", "bits": 8, "group": None},
     ]
+    if args.quick:
+        specs = specs[:2]
     rows = []
     for spec in specs:
         model, wsec, _ = _weights(loaded.model, spec, calib)
@@ -168,6 +184,17 @@ def main() -> int:
     parser.add_argument("--minilm-window", type=int, default=256)
     parser.add_argument("--minilm-windows", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--stamp",
+        choices=tuple(STAMP),
+        default="default",
+        help="activation setting of the STaMP rows (hadamard: + online block-Hadamard)",
+    )
+    parser.add_argument(
+        "--stamp-only",
+        action="store_true",
+        help="SmolLM2: only W16A16 and the STaMP rows of W16 / W4 RTN / W4 GPTQ (grouped)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -193,3 +193,26 @@ def test_gptq_needs_batches_and_backend_rejects_weight_options():
         with pytest.raises(ValueError, match=r"not a compile option.*stamp_fx.quantize_weights"):
             StampCompiler.from_options({key: 4})
     assert stamp_fx.quantize_weights is quantize_weights
+
+
+def test_hessians_come_from_each_linears_own_inputs():
+    from stamp_fx.gptq import collect_hessians
+
+    model, inputs = llama(seed=4)
+    captured, handles = {}, []
+    for fqn, module in block_linears(model).items():
+
+        def hook(mod, args, fqn=fqn):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            captured[fqn] = captured.get(fqn, 0) + x.T @ x
+
+        handles.append(module.register_forward_pre_hook(hook))
+    eager(model, inputs)
+    for h in handles:
+        h.remove()
+    tokens = inputs["input_ids"].numel()
+    hessians = collect_hessians(model, [inputs], show_progress=False)
+    assert set(hessians) == set(captured)
+    for fqn, (h, n) in hessians.items():
+        assert n == tokens
+        torch.testing.assert_close(h, 2 * captured[fqn] / tokens, rtol=1e-6, atol=1e-8)
