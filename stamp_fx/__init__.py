@@ -41,6 +41,7 @@ from .transforms import (
     token_autocorrelation,
 )
 from .tuning import TuneResult, tune
+from .weights import WeightPlan, WeightQuantConfig, load_weight_plan, quantize_weights
 
 __version__ = "0.1.0"
 
@@ -58,6 +59,10 @@ __all__ = [
     "stamp_backend",
     "tune",
     "TuneResult",
+    "WeightPlan",
+    "WeightQuantConfig",
+    "load_weight_plan",
+    "quantize_weights",
     "CONFIG_VERSION",
     "DEFAULT_ALLOWED_BITS",
     "LayerCurve",

@@ -329,6 +329,29 @@ def reject_solver_options(names: list[str] | tuple[str, ...]) -> None:
     )
 
 
+WEIGHT_OPTION_NAMES = (
+    "weight_bits",
+    "weight_group_size",
+    "weight_method",
+    "weight_symmetric",
+    "weights",
+)
+"""Weight-quantization names a user might pass as compile options (see :func:`reject_weight_options`)."""
+
+
+def reject_weight_options(names: list[str] | tuple[str, ...]) -> None:
+    """Weights are quantized once, before compiling, by ``stamp_fx.quantize_weights``; the
+    backend quantizes activations only, so these options would do nothing there: raise."""
+    if not names:
+        return
+    raise ValueError(
+        f"{', '.join(names)}: weight quantization is not a compile option (the backend "
+        "quantizes activations only). Quantize the weights once first: wplan = "
+        "stamp_fx.quantize_weights(model, method='rtn' or 'gptq', bits=4, group_size=128, "
+        "batches=...), then torch.compile(model, backend='stamp', options={...})"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class BackendOptions:
     """Options of the backend itself (not of the quantization policy). Debug options never
@@ -371,6 +394,7 @@ def from_options(
             raise ValueError(f"config: must be a StampConfig, got {type(base).__name__}")
     else:
         base = None
+    reject_weight_options([k for k in options if k in WEIGHT_OPTION_NAMES])
     backend_keys = [f.name for f in dataclasses.fields(BackendOptions)]
     config_keys = [k for k in StampConfig.field_names() if k != "version"]
     unknown = sorted(set(options) - set(backend_keys) - set(config_keys))
