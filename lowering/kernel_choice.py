@@ -98,6 +98,15 @@ def _fallback(policy: SitePolicy, x: Tensor, seq_dim: int) -> Choice:
     return Choice(DECOMPOSED)
 
 
+def _haar_kernel_args(policy: SitePolicy) -> tuple:
+    """The policy as the Haar kernel ops take it (after the tensor arguments)."""
+    levels = -1 if policy.levels is None else policy.levels
+    return (
+        levels, policy.sink_tokens, policy.high_tokens, policy.high_bits, policy.low_bits,
+        policy.symmetric,
+    )  # fmt: skip
+
+
 def _choose_fake_quant(node: fx.Node, hand_written: bool) -> Choice:
     from .decompositions import policy_of
 
@@ -117,11 +126,7 @@ def _choose_fake_quant(node: fx.Node, hand_written: bool) -> Choice:
 
     if not triton_haar.eligible(x, policy, seq_dim):
         return _fallback(policy, x, seq_dim)
-    levels = -1 if policy.levels is None else policy.levels
-    kernel_args = (
-        args[0], levels, policy.sink_tokens, policy.high_tokens, policy.high_bits,
-        policy.low_bits, policy.symmetric,
-    )  # fmt: skip
+    kernel_args = (args[0], *_haar_kernel_args(policy))
     if policy.levels is None and symbolic_length(x, -2):
         # The depth follows the length: decided per call, so no guard and no recompile.
         dynamic = torch.ops.stamp.haar_fake_quant_dynamic.default
@@ -162,11 +167,7 @@ def _choose_masked(node: fx.Node, hand_written: bool) -> Choice:
 
     if not triton_haar.eligible(x, policy, seq_dim) or seq_dim % x.ndim == 0:
         return Choice(REFERENCE)
-    levels = -1 if policy.levels is None else policy.levels
-    kernel_args = (
-        args[0], args[1], levels, policy.sink_tokens, policy.high_tokens, policy.high_bits,
-        policy.low_bits, policy.symmetric,
-    )  # fmt: skip
+    kernel_args = (args[0], args[1], *_haar_kernel_args(policy))
     return Choice(
         "haar kernel (padded rows)", torch.ops.stamp.haar_fake_quant_masked.default, kernel_args
     )

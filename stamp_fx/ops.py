@@ -87,6 +87,14 @@ def policy_from_op_args(
     )
 
 
+def _decode(*args) -> tuple[SitePolicy, dict[str, Tensor] | None]:
+    """Both fake-quant ops' policy arguments (ending with ``autocorr``) as a policy and the
+    tensors its transform reads."""
+    *fields, autocorr = args
+    policy = policy_from_op_args(*fields, autocorr is not None)
+    return policy, ({"autocorr": autocorr} if autocorr is not None else None)
+
+
 @torch.library.custom_op("stamp::fake_quant", mutates_args=())
 def fake_quant_op(
     x: Tensor,
@@ -104,11 +112,10 @@ def fake_quant_op(
     group_size: int,
     autocorr: Tensor | None = None,
 ) -> Tensor:
-    policy = policy_from_op_args(
+    policy, tensors = _decode(
         transform, levels, grid, sink_tokens, high_tokens, high_bits, low_bits,
-        band_edges, band_bits, symmetric, group_size, autocorr is not None,
+        band_edges, band_bits, symmetric, group_size, autocorr,
     )  # fmt: skip
-    tensors = {"autocorr": autocorr} if autocorr is not None else None
     return policy.apply_sequence(x, seq_dim, tensors).contiguous()
 
 
@@ -171,11 +178,10 @@ def fake_quant_masked_op(
     group_size: int,
     autocorr: Tensor | None = None,
 ) -> Tensor:
-    policy = policy_from_op_args(
+    policy, tensors = _decode(
         transform, levels, grid, sink_tokens, high_tokens, high_bits, low_bits,
-        band_edges, band_bits, symmetric, group_size, autocorr is not None,
+        band_edges, band_bits, symmetric, group_size, autocorr,
     )  # fmt: skip
-    tensors = {"autocorr": autocorr} if autocorr is not None else None
     return masked_apply(policy, x, mask, seq_dim, tensors)
 
 
