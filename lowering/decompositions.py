@@ -559,12 +559,55 @@ def _install() -> None:
 
     import stamp_fx.ops  # noqa: F401  (registers the stamp:: ops)
 
-    for op, fn in (
-        (torch.ops.stamp.fake_quant.default, stamp_fake_quant_decomposition),
-        (torch.ops.stamp.hadamard.default, hadamard_decomposition),
-    ):
+    for op, fn in _decomposed_ops():
         ensure_extern_fallback(op)
         decompositions[op] = _when_active(fn)
+    _refresh_inductor_table()
+
+
+def _decomposed_ops() -> tuple:
+    return (
+        (torch.ops.stamp.fake_quant.default, stamp_fake_quant_decomposition),
+        (torch.ops.stamp.hadamard.default, hadamard_decomposition),
+    )
+
+
+def _refresh_inductor_table() -> None:
+    """Make Inductor's table in use hold our entries.
+
+    Inductor hands AOTAutograd ``select_decomp_table()``, which (without ``fallback_random``)
+    is ``fast_random_decomps()``: a *copy* of ``decompositions`` memoised by
+    ``functools.cache`` on its first call. A process that compiled anything with Inductor
+    before our first compile (``backend="inductor"`` as a baseline, another model) kept a copy
+    without our entries, and every stamp op then ran as an extern call to the reference
+    (measured on an H200: PixArt-Sigma, 28 blocks, haar2d + Hadamard, 25x the inductor
+    latency). Dropping the memoised copy makes the next call rebuild it from the full table;
+    the copy holds only decompositions, so rebuilding it changes nothing else."""
+    from torch._inductor import decomposition
+
+    memoised = getattr(decomposition, "fast_random_decomps", None)
+    if hasattr(memoised, "cache_clear"):
+        memoised.cache_clear()
+
+
+def _check_inductor_table() -> None:
+    """Our entries are in the table Inductor will use (rebuilt once if a stale copy was made
+    after :func:`_install`, e.g. by code that cleared ``decompositions`` and re-filled it), or a
+    warning says that the stamp ops will run as extern reference calls."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    ops = [op for op, _ in _decomposed_ops()]
+    if all(op in select_decomp_table() for op in ops):
+        return
+    _refresh_inductor_table()
+    if not all(op in select_decomp_table() for op in ops):
+        import warnings
+
+        warnings.warn(
+            "stamp: Inductor's decomposition table lacks the stamp ops' decompositions; "
+            "stamp::fake_quant and stamp::hadamard will run as extern calls to the reference",
+            stacklevel=3,
+        )
 
 
 @contextlib.contextmanager
@@ -572,6 +615,8 @@ def decompositions_active(active: bool = True) -> Iterator[None]:
     """Within the block, Inductor decomposes ``stamp::fake_quant`` and ``stamp::hadamard``
     (a compile of the ``inductor`` / ``auto`` lowerings runs inside it)."""
     _install()
+    if active:
+        _check_inductor_table()
     token = _ACTIVE.set(active)
     try:
         yield

@@ -429,6 +429,7 @@ def _launch(
     exact_mul: bool = True,
     num_warps: int | None = None,
     variant: str = "auto",
+    maxnreg: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Run the kernel on ``x`` of shape [..., S, D]; ``levels`` must be concrete (``>= 0``)."""
     _check(levels, high_bits, low_bits, x.dtype)
@@ -522,6 +523,8 @@ def _launch(
         "EXACT": exact_mul and not interpreted(),
         "num_warps": warps,
     }
+    if maxnreg is not None:  # a register cap per thread (occupancy against spills)
+        common["maxnreg"] = maxnreg
     if rows_kernel:
         jit_fn = haar_rows.rows_kernel
         args = (
@@ -570,6 +573,7 @@ def haar_fake_quant(
     schedule: str = "auto",
     num_warps: int | None = None,
     variant: str = "auto",
+    maxnreg: int | None = None,
 ) -> Tensor:
     """STaMP Haar fake quantization of ``x`` ([..., S, D]) with the fused kernel.
 
@@ -586,6 +590,7 @@ def haar_fake_quant(
     out, _ = _launch(
         x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric,
         block_d=block_d, schedule=schedule, probe=False, num_warps=num_warps, variant=variant,
+        maxnreg=maxnreg,
     )  # fmt: skip
     return out
 
