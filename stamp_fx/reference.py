@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .config import StampConfig
 from .quantizer import BitsSpec, TokenBits, fake_quant, token_bit_vector
+from .site_hooks import hook_sites
 from .transforms import SequenceTransform, make_transform
 
 PAPER_BITS = TokenBits(64, 8, 4)
@@ -191,26 +192,11 @@ def sqnr_db(reference: Tensor, approx: Tensor) -> float:
 
 # -- eager, hook-based application of a plan (no FX) -----------------------------------------
 
-_SDPA = torch.nn.functional.scaled_dot_product_attention
 
-
-class _QuantizeAttentionInputs(torch.overrides.TorchFunctionMode):
-    """Quantizes key/value of ``scaled_dot_product_attention`` calls made while active."""
-
-    def __init__(self, k_policy, v_policy, tensors):
-        super().__init__()
-        self.k_policy, self.v_policy, self.tensors = k_policy, v_policy, tensors
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is _SDPA and len(args) >= 3:
-            q, k, v, *rest = args
-            if self.k_policy is not None:
-                k = self.k_policy.apply(k, 2, self.tensors)
-            if self.v_policy is not None:
-                v = self.v_policy.apply(v, 2, self.tensors)
-            args = (q, k, v, *rest)
-        return func(*args, **kwargs)
+def _unhookable(key: str, slot: str) -> ValueError:
+    if "#" in slot:
+        return ValueError(f"site {key!r}: a module called several times cannot be hooked per call")
+    return ValueError(f"site {key!r}: unknown slot {slot!r} (expected in, k or v)")
 
 
 def apply_plan_eager(model: torch.nn.Module, plan) -> list:
@@ -222,42 +208,16 @@ def apply_plan_eager(model: torch.nn.Module, plan) -> list:
     ``scaled_dot_product_attention`` call made inside module ``fqn`` (sequence axis 2).
     This is the independent oracle the compiled backend is tested against.
     """
-    handles = []
-    attn: dict[str, dict[str, object]] = {}
-    for key, policy in plan.sites.items():
-        fqn, _, slot = key.rpartition(":")
-        if "#" in slot:
-            raise ValueError(
-                f"site {key!r}: a module called several times cannot be hooked per call"
-            )
-        if slot == "in":
-            module = model.get_submodule(fqn)
 
-            def pre_hook(mod, args, kwargs, policy=policy, key=key):
-                x = args[0]
-                if x.ndim != 3:
-                    raise ValueError(
-                        f"site {key!r}: expected a [batch, seq, features] input, got {tuple(x.shape)}"
-                    )
-                return (policy.apply(x, 1, plan.tensors), *args[1:]), kwargs
+    policies = dict(plan.sites)  # as planned now, like a hook that captured its policy
 
-            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        elif slot in ("k", "v"):
-            attn.setdefault(fqn, {})[slot] = policy
-        else:
-            raise ValueError(f"site {key!r}: unknown slot {slot!r} (expected in, k or v)")
-    for fqn, slots in attn.items():
-        module = model.get_submodule(fqn)
-        modes: list = []
+    def quantize(key: str, x: Tensor) -> Tensor:
+        if key.endswith(":in"):
+            if x.ndim != 3:
+                raise ValueError(
+                    f"site {key!r}: expected a [batch, seq, features] input, got {tuple(x.shape)}"
+                )
+            return policies[key].apply(x, 1, plan.tensors)
+        return policies[key].apply(x, 2, plan.tensors)
 
-        def enter(mod, args, slots=slots, modes=modes):
-            mode = _QuantizeAttentionInputs(slots.get("k"), slots.get("v"), plan.tensors)
-            mode.__enter__()
-            modes.append(mode)
-
-        def leave(mod, args, output, modes=modes):
-            modes.pop().__exit__(None, None, None)
-
-        handles.append(module.register_forward_pre_hook(enter))
-        handles.append(module.register_forward_hook(leave))
-    return handles
+    return hook_sites(model, policies, quantize, unhookable=_unhookable)
