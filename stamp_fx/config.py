@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .quantizer import MAX_BITS, MIN_BITS, TokenBits, validate_bits
+from .bitwidths import MAX_BITS, MIN_BITS, is_finite_number, validate_bits
+from .quantizer import TokenBits
 from .transforms import FEATURE_TRANSFORMS, SequenceTransform, available_transforms, make_transform
 
 __all__ = [
@@ -134,11 +134,7 @@ class StampConfig:
         allowed = tuple(sorted({validate_bits(b, "allowed_bits[i]") for b in allowed}))
         object.__setattr__(self, "allowed_bits", allowed)
         if self.avg_bits is not None:
-            if (
-                isinstance(self.avg_bits, bool)
-                or not isinstance(self.avg_bits, (int, float))
-                or not math.isfinite(self.avg_bits)
-            ):
+            if not is_finite_number(self.avg_bits):
                 raise ValueError(f"avg_bits: must be None or a number, got {self.avg_bits!r}")
             if not allowed[0] <= self.avg_bits <= allowed[-1]:
                 raise ValueError(

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .config import StampConfig
-from .quantizer import BitsSpec, TokenBits, fake_quant, token_bit_vector
+from .quantizer import BitsSpec, TokenBits, fake_quant, token_bit_vector, working_dtype
 from .site_hooks import hook_sites
 from .transforms import SequenceTransform, make_transform
 
@@ -29,6 +29,7 @@ PAPER_BITS = TokenBits(64, 8, 4)
 
 __all__ = [
     "PAPER_BITS",
+    "clamp_sinks",
     "stamp_fake_quant_ref",
     "stamp_fake_quant_config_ref",
     "transformed_tokens",
@@ -42,8 +43,15 @@ def _as_transform(transform: str | SequenceTransform) -> SequenceTransform:
     return make_transform(transform) if isinstance(transform, str) else transform
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def clamp_sinks(sink_tokens: int, length: int) -> int:
+    """Step 1's split point, ``min(sink_tokens, length)``: a sequence shorter than the sinks is
+    all sinks. Asks a symbolic ``length`` only whether the sequence is all sinks (one guard), so
+    ``lowering/symbolic.clamp_sinks``, the same rule written before this one, can import it."""
+    if sink_tokens == 0:
+        return 0
+    if length <= sink_tokens:  # a guard when `length` is symbolic
+        return length
+    return sink_tokens
 
 
 def _check_sinks(sink_tokens: int) -> None:
@@ -61,8 +69,8 @@ def transformed_tokens(
     """Step 2 of the spec: ``concat(x[:s], T(x[s:]))`` along ``seq_dim`` in the working dtype."""
     _check_sinks(sink_tokens)
     t = _as_transform(transform)
-    xw = x.to(_work_dtype(x.dtype))
-    s = min(sink_tokens, x.shape[seq_dim])
+    xw = x.to(working_dtype(x.dtype))
+    s = clamp_sinks(sink_tokens, x.shape[seq_dim])
     sinks, rest = xw.split([s, x.shape[seq_dim] - s], seq_dim)
     if rest.shape[seq_dim] == 0:
         return sinks
@@ -96,7 +104,7 @@ def stamp_fake_quant_ref(
         raise ValueError("seq_dim must not be the feature (last) dim")
     t = _as_transform(transform)
     length = x.shape[seq_dim]
-    s = min(sink_tokens, length)
+    s = clamp_sinks(sink_tokens, length)
     z = transformed_tokens(x, t, sink_tokens=s, seq_dim=seq_dim)
     z_hat = fake_quant(z, bits, token_dim=seq_dim, symmetric=symmetric, group_size=group_size)
     return _untransform(z_hat, t, s, length, seq_dim).to(x.dtype)

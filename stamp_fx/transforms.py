@@ -26,6 +26,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .quantizer import working_dtype
+
 __all__ = [
     "SequenceTransform",
     "TRANSFORMS",
@@ -80,10 +82,8 @@ def make_transform(name: str, **params) -> SequenceTransform:
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return torch.float32
-    if dtype == torch.float64:
-        return torch.float64
+    if dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return working_dtype(dtype)
     raise TypeError(f"sequence transforms take floating-point tensors, got dtype {dtype}")
 
 

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .config import WEIGHT_OPTION_NAMES  # the backend rejects these as compile options
+from .quantizer import working_dtype
 
 __all__ = [
     "WEIGHT_BITS",
@@ -143,10 +144,6 @@ def clip_ratios(min_ratio: float = 0.5, steps: int = 20) -> list[float]:
     return [1.0 - (1.0 - min_ratio) * i / (steps - 1) for i in range(steps)]
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _groups(w: Tensor, group_size: int | None) -> Tensor:
     """[rows, cols] -> [rows, n_groups, G] (one group per row when ``group_size`` is None)."""
     if w.ndim != 2:
@@ -206,7 +203,7 @@ def weight_qparams(
 
     ``ratio`` is the chosen clip ratio (1 without the search); the clipped range is
     ``_shrink(lo, hi, ratio)`` of the group's min-max range."""
-    g = _groups(w, group_size).to(_work_dtype(w.dtype))
+    g = _groups(w, group_size).to(working_dtype(w.dtype))
     lo = g.amin(-1, keepdim=True).clamp_max(0)  # the range holds zero: an exact integer zero point
     hi = g.amax(-1, keepdim=True).clamp_min(0)
     ratios = clip_ratios(min_ratio, clip_steps) if clip_search else [1.0]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..plan import AllocationPlan, SitePolicy
-from ..reference import theorem1_bound
+from ..reference import clamp_sinks, theorem1_bound
 from .objectives import Option
 
 __all__ = ["SensitivityObserver", "SiteSensitivity", "linear_projection"]
@@ -110,7 +110,7 @@ class SensitivityObserver:
                     t = policy.make_transform()
                     bits = policy.bit_vector(t, length)
                     bound = theorem1_bound(
-                        x, transform=t, bits=bits, sink_tokens=min(policy.sink_tokens, length),
+                        x, transform=t, bits=bits, sink_tokens=clamp_sinks(policy.sink_tokens, length),
                         symmetric=policy.symmetric, group_size=policy.group_size, seq_dim=seq_dim,
                     )  # fmt: skip
                     cache[policy] = (policy.apply(x, seq_dim) - x, bound, sum(bits) / len(bits))

@@ -12,7 +12,6 @@ and its ``plan.meta["tune"]`` record (schema in :mod:`stamp_fx.tuning`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,9 +20,9 @@ import torch
 
 from ..allocation import LayerCurve, allocate_layer_budgets
 from ..api import merged_config, run_observed
+from ..bitwidths import is_finite_number, validate_bits
 from ..config import StampConfig
 from ..plan import AllocationPlan
-from ..quantizer import validate_bits
 from ..tune_report import format_report, keys_by_depth, plot
 from .loss_gradients import LossFn, LossGradients
 from .objectives import DEFAULT_OBJECTIVE, Option, check_objective
@@ -125,11 +124,7 @@ def tune(
     ``plan``, ``kernel``, ``mode`` and ``inductor`` raise (tuning builds the plan, eagerly).
     """
     obj = check_objective(objective)
-    if (
-        isinstance(avg_bits, bool)
-        or not isinstance(avg_bits, (int, float))
-        or not math.isfinite(avg_bits)
-    ):
+    if not is_finite_number(avg_bits):
         raise ValueError(f"avg_bits must be a finite number, got {avg_bits!r}")
     config, debug_dir = merged_config(config, options, what="tune")
     highs = _check_grid(high_token_grid, "high_token_grid", _check_high_tokens)
