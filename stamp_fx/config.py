@@ -9,6 +9,11 @@ caller that knows the model, see :meth:`StampConfig.resolved_sink_tokens`).
 
 Every field is validated on construction; mistakes raise ``ValueError`` naming the field and the
 valid choices. ``from_dict`` rejects unknown keys and configs from a newer schema version.
+
+Size (about 400 lines): the record and its validation take most of it; the last part
+(:func:`from_options`, :class:`BackendOptions` and the ``reject_*`` checks) turns
+``torch.compile(..., options=)`` into a config, and stays beside the fields it validates so that
+an option and its check are edited together.
 """
 
 from __future__ import annotations
