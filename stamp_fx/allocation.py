@@ -21,6 +21,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from .bitwidths import MAX_BITS, MIN_BITS, is_bit_width, is_finite_number
+
 __all__ = [
     "DEFAULT_ALLOWED_BITS",
     "error_weight",
@@ -55,8 +57,10 @@ def _checked_allowed(allowed: Sequence[int]) -> tuple[int, ...]:
         raise ValueError("allowed bit widths must not be empty")
     out = tuple(sorted(set(allowed)))
     for b in out:
-        if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 16:
-            raise ValueError(f"allowed bit widths must be ints in 2..16, got {list(allowed)}")
+        if not is_bit_width(b):
+            raise ValueError(
+                f"allowed bit widths must be ints in {MIN_BITS}..{MAX_BITS}, got {list(allowed)}"
+            )
     return out
 
 
@@ -69,11 +73,7 @@ def _checked_energies(energies: Sequence[float]) -> list[float]:
 
 
 def _check_budget(avg_bits: float, allowed: tuple[int, ...]) -> None:
-    if (
-        isinstance(avg_bits, bool)
-        or not isinstance(avg_bits, (int, float))
-        or not math.isfinite(avg_bits)
-    ):
+    if not is_finite_number(avg_bits):
         raise ValueError(f"avg_bits must be a finite number, got {avg_bits!r}")
     if avg_bits < allowed[0] - _BUDGET_EPS:
         raise ValueError(

@@ -25,7 +25,7 @@ from torch import Tensor
 from .allocation import SpectralBitPlan, solve_token_bits
 from .config import StampConfig
 from .plan import AllocationPlan, SitePolicy
-from .reference import transformed_tokens
+from .reference import clamp_sinks, transformed_tokens
 from .transforms import block_hadamard, token_autocorrelation
 
 __all__ = ["EnergyObserver", "run_batch"]
@@ -61,7 +61,7 @@ class EnergyObserver:
         for key in keys:
             policy = self.policies[key]
             stats = self.stats.setdefault(key, _SiteStats())
-            sinks = min(policy.sink_tokens, length)
+            sinks = clamp_sinks(policy.sink_tokens, length)
             if policy.transform == "klt":
                 # Sites reading one tensor share one autocorrelation (and so one stamp op).
                 self.autocorr_owner[key] = keys[0]
@@ -143,7 +143,7 @@ def _expected_error_weight(z: Tensor, policy: SitePolicy) -> Tensor:
 
 def _solve_bands(policy: SitePolicy, energies: Tensor, config: StampConfig) -> SpectralBitPlan:
     """Solver bits for the transformed tokens, sinks held at ``high_bits`` inside the budget."""
-    sinks = min(policy.sink_tokens, energies.numel())
+    sinks = clamp_sinks(policy.sink_tokens, energies.numel())
     coeffs = energies[sinks:].tolist()
     if not coeffs:
         return SpectralBitPlan((1.0,), (policy.high_bits,))
@@ -154,7 +154,7 @@ def _solve_bands(policy: SitePolicy, energies: Tensor, config: StampConfig) -> S
 
 def _high_energy_fraction(policy: SitePolicy, energies: Tensor) -> float:
     """Share of the energy in tokens quantized above the site's lowest width."""
-    sinks = min(policy.sink_tokens, energies.numel())
+    sinks = clamp_sinks(policy.sink_tokens, energies.numel())
     bits = policy.quantized_bits(energies.numel(), sinks)
     low = min(bits)
     total = float(energies.sum())

@@ -9,18 +9,23 @@ caller that knows the model, see :meth:`StampConfig.resolved_sink_tokens`).
 
 Every field is validated on construction; mistakes raise ``ValueError`` naming the field and the
 valid choices. ``from_dict`` rejects unknown keys and configs from a newer schema version.
+
+Size (about 400 lines): the record and its validation take most of it; the last part
+(:func:`from_options`, :class:`BackendOptions` and the ``reject_*`` checks) turns
+``torch.compile(..., options=)`` into a config, and stays beside the fields it validates so that
+an option and its check are edited together.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .quantizer import MAX_BITS, MIN_BITS, TokenBits, validate_bits
+from .bitwidths import MAX_BITS, MIN_BITS, is_finite_number, validate_bits
+from .quantizer import TokenBits
 from .transforms import FEATURE_TRANSFORMS, SequenceTransform, available_transforms, make_transform
 
 __all__ = [
@@ -134,11 +139,7 @@ class StampConfig:
         allowed = tuple(sorted({validate_bits(b, "allowed_bits[i]") for b in allowed}))
         object.__setattr__(self, "allowed_bits", allowed)
         if self.avg_bits is not None:
-            if (
-                isinstance(self.avg_bits, bool)
-                or not isinstance(self.avg_bits, (int, float))
-                or not math.isfinite(self.avg_bits)
-            ):
+            if not is_finite_number(self.avg_bits):
                 raise ValueError(f"avg_bits: must be None or a number, got {self.avg_bits!r}")
             if not allowed[0] <= self.avg_bits <= allowed[-1]:
                 raise ValueError(

@@ -24,7 +24,7 @@ from torch import Tensor
 from .allocation import SpectralBitPlan
 from .config import StampConfig
 from .quantizer import TokenBits, validate_bits
-from .reference import stamp_fake_quant_ref
+from .reference import clamp_sinks, stamp_fake_quant_ref
 from .transforms import SequenceTransform, block_hadamard, feature_block_size, make_transform
 
 __all__ = ["PLAN_VERSION", "SitePolicy", "AllocationPlan", "load_plan"]
@@ -152,7 +152,7 @@ class SitePolicy:
 
     def bit_vector(self, transform: SequenceTransform, length: int) -> list[int]:
         """Bits over the quantized sequence (sinks, then coefficients) for ``length`` tokens."""
-        sinks = min(self.sink_tokens, length)
+        sinks = clamp_sinks(self.sink_tokens, length)
         coeffs = transform.coefficient_length(length - sinks) if length > sinks else 0
         return self.quantized_bits(sinks + coeffs, sinks)
 

@@ -23,12 +23,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# The range and its check live in bitwidths (torch-free, for allocation); re-exported here.
+from .bitwidths import MAX_BITS, MIN_BITS, validate_bits
+
 __all__ = [
     "MIN_BITS",
     "MAX_BITS",
     "TokenBits",
     "BitsSpec",
     "validate_bits",
+    "working_dtype",
     "token_bit_vector",
     "QuantParams",
     "compute_qparams",
@@ -36,19 +40,6 @@ __all__ = [
     "dequantize",
     "fake_quant",
 ]
-
-MIN_BITS, MAX_BITS = 2, 16
-
-
-def validate_bits(bits: object, what: str = "bits") -> int:
-    """Return ``bits`` as an int, or raise ValueError unless it is an integer in 2..16."""
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        if isinstance(bits, float) and bits.is_integer():
-            raise ValueError(f"{what} must be an int in {MIN_BITS}..{MAX_BITS}, got float {bits!r}")
-        raise ValueError(f"{what} must be an int in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
-    if not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"{what} must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
-    return bits
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +101,11 @@ class QuantParams:
     symmetric: bool
 
 
-def _param_dtype(dtype: torch.dtype) -> torch.dtype:
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype STaMP computes in for inputs of ``dtype``: float64 stays float64 (oracles),
+    everything else (float32, bfloat16, float16) is computed in float32 and rounded once at the
+    end. The one definition for the reference, the transforms, the quantizer and weights
+    (``lowering/decompositions.py`` keeps a copy of its own until the lowering rewrite lands)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -136,7 +131,7 @@ def _bits_tensor(bits: BitsSpec, x: Tensor, token_dim: int) -> Tensor:
     vec = token_bit_vector(bits, x.shape[token_dim])
     shape = [1] * (x.ndim + 1)
     shape[token_dim] = len(vec)
-    return torch.tensor(vec, dtype=_param_dtype(x.dtype), device=x.device).view(shape)
+    return torch.tensor(vec, dtype=working_dtype(x.dtype), device=x.device).view(shape)
 
 
 def compute_qparams(
@@ -148,7 +143,7 @@ def compute_qparams(
     group_size: int | None = None,
 ) -> QuantParams:
     """Min-max scales/offsets for ``x`` (see the module docstring for the layout)."""
-    pdt = _param_dtype(x.dtype)
+    pdt = working_dtype(x.dtype)
     g = _grouped(x, group_size).to(pdt)
     b = _bits_tensor(bits, x, token_dim)
     tiny = torch.finfo(pdt).tiny

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from .config import StampConfig
-from .quantizer import BitsSpec, TokenBits, fake_quant, token_bit_vector
+from .quantizer import BitsSpec, TokenBits, fake_quant, token_bit_vector, working_dtype
+from .site_hooks import hook_sites
 from .transforms import SequenceTransform, make_transform
 
 PAPER_BITS = TokenBits(64, 8, 4)
@@ -28,6 +29,7 @@ PAPER_BITS = TokenBits(64, 8, 4)
 
 __all__ = [
     "PAPER_BITS",
+    "clamp_sinks",
     "stamp_fake_quant_ref",
     "stamp_fake_quant_config_ref",
     "transformed_tokens",
@@ -41,8 +43,15 @@ def _as_transform(transform: str | SequenceTransform) -> SequenceTransform:
     return make_transform(transform) if isinstance(transform, str) else transform
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def clamp_sinks(sink_tokens: int, length: int) -> int:
+    """Step 1's split point, ``min(sink_tokens, length)``: a sequence shorter than the sinks is
+    all sinks. Asks a symbolic ``length`` only whether the sequence is all sinks (one guard), so
+    ``lowering/symbolic.clamp_sinks``, the same rule written before this one, can import it."""
+    if sink_tokens == 0:
+        return 0
+    if length <= sink_tokens:  # a guard when `length` is symbolic
+        return length
+    return sink_tokens
 
 
 def _check_sinks(sink_tokens: int) -> None:
@@ -60,8 +69,8 @@ def transformed_tokens(
     """Step 2 of the spec: ``concat(x[:s], T(x[s:]))`` along ``seq_dim`` in the working dtype."""
     _check_sinks(sink_tokens)
     t = _as_transform(transform)
-    xw = x.to(_work_dtype(x.dtype))
-    s = min(sink_tokens, x.shape[seq_dim])
+    xw = x.to(working_dtype(x.dtype))
+    s = clamp_sinks(sink_tokens, x.shape[seq_dim])
     sinks, rest = xw.split([s, x.shape[seq_dim] - s], seq_dim)
     if rest.shape[seq_dim] == 0:
         return sinks
@@ -95,7 +104,7 @@ def stamp_fake_quant_ref(
         raise ValueError("seq_dim must not be the feature (last) dim")
     t = _as_transform(transform)
     length = x.shape[seq_dim]
-    s = min(sink_tokens, length)
+    s = clamp_sinks(sink_tokens, length)
     z = transformed_tokens(x, t, sink_tokens=s, seq_dim=seq_dim)
     z_hat = fake_quant(z, bits, token_dim=seq_dim, symmetric=symmetric, group_size=group_size)
     return _untransform(z_hat, t, s, length, seq_dim).to(x.dtype)
@@ -191,26 +200,11 @@ def sqnr_db(reference: Tensor, approx: Tensor) -> float:
 
 # -- eager, hook-based application of a plan (no FX) -----------------------------------------
 
-_SDPA = torch.nn.functional.scaled_dot_product_attention
 
-
-class _QuantizeAttentionInputs(torch.overrides.TorchFunctionMode):
-    """Quantizes key/value of ``scaled_dot_product_attention`` calls made while active."""
-
-    def __init__(self, k_policy, v_policy, tensors):
-        super().__init__()
-        self.k_policy, self.v_policy, self.tensors = k_policy, v_policy, tensors
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is _SDPA and len(args) >= 3:
-            q, k, v, *rest = args
-            if self.k_policy is not None:
-                k = self.k_policy.apply(k, 2, self.tensors)
-            if self.v_policy is not None:
-                v = self.v_policy.apply(v, 2, self.tensors)
-            args = (q, k, v, *rest)
-        return func(*args, **kwargs)
+def _unhookable(key: str, slot: str) -> ValueError:
+    if "#" in slot:
+        return ValueError(f"site {key!r}: a module called several times cannot be hooked per call")
+    return ValueError(f"site {key!r}: unknown slot {slot!r} (expected in, k or v)")
 
 
 def apply_plan_eager(model: torch.nn.Module, plan) -> list:
@@ -222,42 +216,16 @@ def apply_plan_eager(model: torch.nn.Module, plan) -> list:
     ``scaled_dot_product_attention`` call made inside module ``fqn`` (sequence axis 2).
     This is the independent oracle the compiled backend is tested against.
     """
-    handles = []
-    attn: dict[str, dict[str, object]] = {}
-    for key, policy in plan.sites.items():
-        fqn, _, slot = key.rpartition(":")
-        if "#" in slot:
-            raise ValueError(
-                f"site {key!r}: a module called several times cannot be hooked per call"
-            )
-        if slot == "in":
-            module = model.get_submodule(fqn)
 
-            def pre_hook(mod, args, kwargs, policy=policy, key=key):
-                x = args[0]
-                if x.ndim != 3:
-                    raise ValueError(
-                        f"site {key!r}: expected a [batch, seq, features] input, got {tuple(x.shape)}"
-                    )
-                return (policy.apply(x, 1, plan.tensors), *args[1:]), kwargs
+    policies = dict(plan.sites)  # as planned now, like a hook that captured its policy
 
-            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        elif slot in ("k", "v"):
-            attn.setdefault(fqn, {})[slot] = policy
-        else:
-            raise ValueError(f"site {key!r}: unknown slot {slot!r} (expected in, k or v)")
-    for fqn, slots in attn.items():
-        module = model.get_submodule(fqn)
-        modes: list = []
+    def quantize(key: str, x: Tensor) -> Tensor:
+        if key.endswith(":in"):
+            if x.ndim != 3:
+                raise ValueError(
+                    f"site {key!r}: expected a [batch, seq, features] input, got {tuple(x.shape)}"
+                )
+            return policies[key].apply(x, 1, plan.tensors)
+        return policies[key].apply(x, 2, plan.tensors)
 
-        def enter(mod, args, slots=slots, modes=modes):
-            mode = _QuantizeAttentionInputs(slots.get("k"), slots.get("v"), plan.tensors)
-            mode.__enter__()
-            modes.append(mode)
-
-        def leave(mod, args, output, modes=modes):
-            modes.pop().__exit__(None, None, None)
-
-        handles.append(module.register_forward_pre_hook(enter))
-        handles.append(module.register_forward_hook(leave))
-    return handles
+    return hook_sites(model, policies, quantize, unhookable=_unhookable)

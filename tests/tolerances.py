@@ -56,3 +56,23 @@ ROTATION_GPU_ULPS = 1
 # ... and its error against float64 at most this factor of the reference's own (ties may round
 # either way; the kernel's exact division is no less accurate than the reciprocal multiply).
 ROTATION_ERROR_RATIO = 1.01
+
+# Two float32 computations of one quantity that differ only in the order of their operations:
+# the graph run without Inductor (observer / FX) against the eager hook oracle
+# (reference.apply_plan_eager), or ``x @ M`` against the module's own matmul.
+F32_REORDER_TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+# CPU Inductor's generated code (fused loops, reassociated sums) against the eager oracle, float32.
+INDUCTOR_F32_TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+# "Quantization happened": the quantized model's output is not allclose to the float model's
+# at this absolute tolerance; the smaller margin where only a few small sites are quantized.
+QUANTIZED_DIFFERS_ATOL = 1e-3
+QUANTIZED_DIFFERS_ATOL_SMALL = 1e-4
+
+# Exact solvers against brute force on small cases: equal up to float64 summation order.
+BRUTE_FORCE_REL = 1e-12
+
+# Budgets: the solvers may spend up to this many bits above a budget (allocation._BUDGET_EPS),
+# so that a budget met exactly in real arithmetic is not refused for a float rounding.
+BUDGET_SLACK_BITS = 1e-9

@@ -19,6 +19,7 @@ from stamp_fx import (
     solve_band_bits,
     solve_token_bits,
 )
+from tests.tolerances import BRUTE_FORCE_REL, BUDGET_SLACK_BITS
 
 energies_st = st.lists(
     st.floats(0.0, 1e6, allow_nan=False, allow_infinity=False), min_size=1, max_size=7
@@ -29,7 +30,7 @@ any_allowed = st.sampled_from([(4, 8), (4, 6, 8), (2, 4, 8), (3, 4, 8, 16)])
 
 
 def _brute_force(energies, avg_bits, allowed):
-    budget = math.floor(avg_bits * len(energies) + 1e-9)
+    budget = math.floor(avg_bits * len(energies) + BUDGET_SLACK_BITS)
     best = None
     for combo in itertools.product(allowed, repeat=len(energies)):
         if sum(combo) <= budget:
@@ -45,7 +46,7 @@ def test_solver_never_exceeds_budget_and_uses_allowed_widths(energies, allowed, 
     bits = solve_token_bits(energies, avg, allowed)
     assert len(bits) == len(energies)
     assert set(bits) <= set(allowed)
-    assert sum(bits) <= avg * len(energies) + 1e-9
+    assert sum(bits) <= avg * len(energies) + BUDGET_SLACK_BITS
 
 
 @given(energies=energies_st, allowed=equal_spaced, frac=st.floats(0, 1))
@@ -53,7 +54,7 @@ def test_solver_equals_brute_force_on_equally_spaced_widths(energies, allowed, f
     avg = allowed[0] + frac * (allowed[-1] - allowed[0])
     bits = solve_token_bits(energies, avg, allowed)
     assert bound_objective(energies, bits) == pytest.approx(
-        _brute_force(energies, avg, allowed), rel=1e-12, abs=1e-300
+        _brute_force(energies, avg, allowed), rel=BRUTE_FORCE_REL, abs=1e-300
     )
 
 
@@ -110,15 +111,15 @@ def test_band_solver_is_exact_and_within_budget(band_e, allowed, frac):
     fr = haar_band_fractions(3)
     avg = allowed[0] + frac * (allowed[-1] - allowed[0])
     bits = solve_band_bits(band_e, fr, avg, allowed)
-    assert sum(f * b for f, b in zip(fr, bits)) <= avg + 1e-9
+    assert sum(f * b for f, b in zip(fr, bits)) <= avg + BUDGET_SLACK_BITS
     best = min(
         bound_objective(band_e, c)
         for c in itertools.product(allowed, repeat=4)
-        if sum(f * b for f, b in zip(fr, c)) <= avg + 1e-9
+        if sum(f * b for f, b in zip(fr, c)) <= avg + BUDGET_SLACK_BITS
     )
     assert bound_objective(band_e, bits) == pytest.approx(best)
     greedy = solve_band_bits(band_e, fr, avg, allowed, max_exhaustive=1)
-    assert sum(f * b for f, b in zip(fr, greedy)) <= avg + 1e-9
+    assert sum(f * b for f, b in zip(fr, greedy)) <= avg + BUDGET_SLACK_BITS
 
 
 def _curve(name, size, scale):
@@ -151,9 +152,11 @@ def test_layer_budgets_match_brute_force_on_convex_curves(avg):
     best = min(
         sum(dict(l.options)[b] for l, b in zip(layers, combo))
         for combo in itertools.product(*[[b for b, _ in l.options] for l in layers])
-        if sum(l.size * b for l, b in zip(layers, combo)) <= avg * 4 + 1e-9
+        if sum(l.size * b for l, b in zip(layers, combo)) <= avg * 4 + BUDGET_SLACK_BITS
     )
-    assert sum(dict(l.options)[choice[l.name]] for l in layers) == pytest.approx(best, rel=1e-12)
+    assert sum(dict(l.options)[choice[l.name]] for l in layers) == pytest.approx(
+        best, rel=BRUTE_FORCE_REL
+    )
 
 
 def test_solver_input_errors():
