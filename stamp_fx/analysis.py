@@ -5,7 +5,10 @@
 * the input of every linear layer: ``torch._C._nn.linear`` / ``F.linear`` / ``aten.linear``,
   ``nn.Linear`` call_module nodes, and ``addmm`` / ``mm`` / ``matmul`` against a weight
   (GPT-2's ``Conv1D``);
-* the key and value at the input of every ``scaled_dot_product_attention`` (for KV quantization).
+* the key and value of every ``scaled_dot_product_attention`` (for KV quantization): where a
+  KV cache update feeds it (:func:`stamp_fx.kv_cache.find_cache_write`), the new tokens' K/V
+  before the cache stores them (quantize-on-write, ``extra["cache_write"]``); else the
+  attention input itself.
 
 Each site carries its module FQN (from ``nn_module_stack``), its *role* from the graph structure
 around attention (``q``, ``k``, ``v``, ``qkv`` for fused projections, ``attn_out``, ``mlp``,
@@ -36,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from .kv_cache import CacheWrite, find_cache_write
 
 __all__ = [
     "Site",
@@ -697,6 +702,10 @@ def _kv_sites(cores: Iterable[AttentionCore], cross_cores: set[fx.Node]) -> list
     for core in cores:
         fqn = module_fqn(core.node) or core.node.name
         for slot, arg, idx in (("k", core.k, core.k_index), ("v", core.v, core.v_index)):
+            write = find_cache_write(arg, core.node) if core.kind == "sdpa" else None
+            if write is not None:  # quantize-on-write: the new tokens, before the cache
+                out.append(_write_site(fqn, slot, write, core.node in cross_cores))
+                continue
             t = _example(arg)
             reason = None
             if core.kind != "sdpa":
@@ -723,6 +732,26 @@ def _kv_sites(cores: Iterable[AttentionCore], cross_cores: set[fx.Node]) -> list
                 )
             )
     return out
+
+
+def _write_site(fqn: str, slot: str, write: CacheWrite, cross: bool) -> Site:
+    """The K/V site of a cache update: ``write.new`` (``[batch, heads, new tokens, head_dim]``),
+    quantized along axis 2 before the cache stores it; the pass rewires every reader of it."""
+    t = _example(write.new)
+    return Site(
+        fqn=fqn,
+        slot=slot,
+        role=f"attn_{slot}",
+        consumer=write.write,
+        arg_index=-1,
+        origin=write.new,
+        seq_dim=2,
+        shape=_shape_str(t),
+        features=_static_int(t.shape[-1]),
+        in_block=_in_block(fqn),
+        cross=cross,
+        extra={"cache_write": write.kind},
+    )
 
 
 def _dedupe_keys(sites: list[Site]) -> None:

@@ -7,6 +7,10 @@ layout chain, see ``analysis._sequence_origin``) is quantized at its ``[B, S, D]
 the chain is re-applied. Running the pass again finds
 the inserted ops and adds nothing (idempotent).
 
+K/V at a KV cache update (``site.extra["cache_write"]``, see :mod:`stamp_fx.kv_cache`) are
+quantized where the new tokens' K/V are made, and every reader of them (the cache update, so
+the cache stores the quantized value) is rewired: quantize-on-write.
+
 Padded batches: when the graph has an ``attention_mask`` input (``ctx.padding_mask``) whose
 ``[batch, seq]`` sizes match a site's, that site gets ``stamp::fake_quant_masked`` (each row's
 real tokens quantized as a sequence of their own) instead of ``stamp::fake_quant``. Graphs
@@ -123,6 +127,16 @@ def _flatten_back(gm: fx.GraphModule, quant: fx.Node, flat: fx.Node, meta) -> fx
     return node
 
 
+def _mark_consumer(site, policy) -> None:
+    prev = site.consumer.meta.get("stamp")
+    site.consumer.meta["stamp"] = StampMeta(
+        (prev.sites if prev else ()) + (site.key,),
+        (prev.roles if prev else ()) + (site.role,),
+        policy.describe(),
+        "consumer",
+    )
+
+
 def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
     groups: dict[tuple, list] = {}
     already = 0
@@ -170,6 +184,16 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
         inserted += 1
         views: dict[fx.Node, fx.Node] = {}  # original chain node -> its copy on ``quant``
         for site in sites:
+            if site.extra.get("cache_write"):
+                # Quantize-on-write: the cache update and every other reader of the new K/V
+                # (attention in a no-cache path) see the quantized value.
+                keep = set(new_nodes)
+                origin.replace_all_uses_with(
+                    quant, delete_user_cb=lambda n, keep=keep: n not in keep
+                )
+                _mark_consumer(site, policy)
+                rewired += 1
+                continue
             new_input = quant
             for r in site.chain:
                 if r not in views:
@@ -182,13 +206,7 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
                     views[r].meta["stamp"] = meta
                 new_input = views[r]
             site.consumer.update_arg(site.arg_index, new_input)
-            prev = site.consumer.meta.get("stamp")
-            site.consumer.meta["stamp"] = StampMeta(
-                (prev.sites if prev else ()) + (site.key,),
-                (prev.roles if prev else ()) + (site.role,),
-                policy.describe(),
-                "consumer",
-            )
+            _mark_consumer(site, policy)
             rewired += 1
         for old in reversed(list(views)):  # the originals, now unused (consumer side first)
             if not old.users:
