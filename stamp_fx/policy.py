@@ -5,7 +5,7 @@ Defaults, in order (the first that applies decides):
 1. a site the analysis could not quantize keeps its reason;
 2. sites outside the repeated blocks (LM head, embeddings, timestep/caption conditioning MLPs,
    poolers) are skipped;
-3. K/V at the attention input are skipped unless ``quantize_kv``;
+3. K/V (at the KV cache write, else the attention input) are skipped unless ``quantize_kv``;
 4. linears that project another sequence into cross-attention K/V (text tokens) get the
    ``identity`` transform: text is not locally correlated like image or token sequences;
 5. everything else gets the config's policy, with ``sink_tokens`` resolved for the model;
