@@ -23,9 +23,9 @@ earliest ``[B, S, D]`` origin (``origin`` is then that node and the pass re-appl
 anything else is not quantized, with a reason. :func:`unrecognised_linears` names matmul-family
 calls on parameters that are not recognised as linear layers (the backend warns about them).
 
-Padding: :func:`find_padding_mask` finds the HF ``attention_mask`` graph input (a
-``[batch, seq]`` integer or bool placeholder named after it; nonzero = real token), which the
-pass hands to the sites whose ``[batch, seq]`` sizes it matches.
+Padding: :func:`find_padding_mask` finds the HF ``attention_mask`` graph input (a 2-d padding
+mask or a 4-d attention mask, see :mod:`stamp_fx.padding`); the pass turns it into a
+``[batch, seq]`` real-token mask and hands it to the sites whose ``[batch, seq]`` sizes match.
 """
 
 from __future__ import annotations
@@ -788,30 +788,27 @@ def is_decode_graph(gm: fx.GraphModule) -> bool:
 
 # -- padding ---------------------------------------------------------------------------------
 
-_MASK_DTYPES = {torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64}
-
 
 def find_padding_mask(gm: fx.GraphModule) -> fx.Node | None:
-    """The graph input holding an HF-style padding mask, or None: a placeholder whose name
+    """The graph input holding the model's attention mask, or None: a placeholder whose name
     contains ``attention_mask`` (Dynamo names inputs after their source, e.g.
-    ``l_kwargs_attention_mask_``) with a rank-2 integer/bool example value ``[batch, seq]``.
-    A 4-d or float (additive) mask is not a padding mask in this sense and is ignored."""
+    ``l_kwargs_attention_mask_``) with a ``[batch, seq]`` padding mask (any dtype, nonzero =
+    real) or a 4-d ``[batch, heads, queries, keys]`` bool or additive float attention mask as
+    example value. :func:`stamp_fx.padding.real_tokens` says which tokens are real."""
     for node in gm.graph.nodes:
         if node.op != "placeholder" or "attention_mask" not in node.name:
             continue
         t = _example(node)
-        if t is not None and t.ndim == 2 and t.dtype in _MASK_DTYPES:
+        if t is not None and t.ndim in (2, 4):
             return node
     return None
 
 
 def mask_matches(mask: fx.Node, x: fx.Node, seq_dim: int) -> bool:
     """Whether a ``[batch, seq]`` mask describes the tokens of ``x`` along ``seq_dim``: same
-    batch and sequence sizes (symbolic sizes compared as expressions), and a batch that is not
-    statically one (a batch of one is taken as unpadded, so it compiles without the mask)."""
+    batch and sequence sizes (symbolic sizes compared as expressions). A batch of one counts:
+    a single left-padded prompt is padded too."""
     m, t = _example(mask), _example(x)
-    if m is None or t is None or t.ndim <= seq_dim or seq_dim < 1:
-        return False
-    if _static_int(t.shape[0]) == 1:
+    if m is None or t is None or m.ndim != 2 or t.ndim <= seq_dim or seq_dim < 1:
         return False
     return _same_size(m.shape[0], t.shape[0]) and _same_size(m.shape[1], t.shape[seq_dim])

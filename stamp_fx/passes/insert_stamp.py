@@ -11,10 +11,12 @@ K/V at a KV cache update (``site.extra["cache_write"]``, see :mod:`stamp_fx.kv_c
 quantized where the new tokens' K/V are made, and every reader of them (the cache update, so
 the cache stores the quantized value) is rewired: quantize-on-write.
 
-Padded batches: when the graph has an ``attention_mask`` input (``ctx.padding_mask``) whose
-``[batch, seq]`` sizes match a site's, that site gets ``stamp::fake_quant_masked`` (each row's
-real tokens quantized as a sequence of their own) instead of ``stamp::fake_quant``. Graphs
-without a mask, and batches that are statically one, get exactly the plain op.
+Padded batches: when the graph has an ``attention_mask`` input (``ctx.padding_mask``; a 4-d
+or float mask is first turned into a ``[batch, seq]`` real-token mask,
+:func:`stamp_fx.padding.real_token_node`) whose ``[batch, seq]`` sizes match a site's, that
+site gets ``stamp::fake_quant_masked`` (each row's real tokens quantized as a sequence of their
+own) instead of ``stamp::fake_quant``, a batch of one included. Graphs without a mask get
+exactly the plain op.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import fx
 
 from ..analysis import mask_matches
 from ..ops import op_args
+from ..padding import real_token_node
 from .context import PassContext, StampMeta
 
 STAMP_OP = torch.ops.stamp.fake_quant.default
@@ -154,11 +157,12 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
         flat_origin = None
         if unflatten is not None:  # [B*S, F] -> [B, S, F] here, and back after quantizing
             flat_origin, origin = origin, _unflatten(gm, origin, unflatten)
-        mask = ctx.padding_mask
-        if mask is not None and (
-            ctx.observer is not None or not mask_matches(mask, origin, seq_dim)
-        ):
-            mask = None
+        mask = None
+        if ctx.padding_mask is not None and ctx.observer is None:
+            real = ctx.extra.get("real_tokens")
+            if real is None:  # once per graph, and only when some site is planned
+                real = ctx.extra["real_tokens"] = real_token_node(gm, ctx.padding_mask)
+            mask = real if mask_matches(real, origin, seq_dim) else None
         meta = StampMeta(
             tuple(s.key for s in sites),
             tuple(s.role for s in sites),
