@@ -772,16 +772,23 @@ def _dedupe_keys(sites: list[Site]) -> None:
 
 
 def is_decode_graph(gm: fx.GraphModule) -> bool:
-    """Whether ``gm`` is a decode step: some ``scaled_dot_product_attention`` has a query of
-    statically one token and a key/value sequence that is not (the KV cache). A prefill, even
-    into a StaticCache, has a longer query; eager (softmax) attention is not inspected."""
+    """Whether ``gm`` is a decode step: some attention has a query of statically one token and
+    a key/value sequence that is not (the KV cache). ``scaled_dot_product_attention`` is read
+    from its query and key; eager ``softmax(q @ k^T) @ v`` from the attention probabilities
+    (``[..., queries, keys]``, whatever layout the scores were computed in). A prefill, even
+    into a StaticCache, has a longer query."""
     for core in find_attention_cores(gm):
-        if core.kind != "sdpa":
-            continue
-        q, k = _example(core.q), _example(core.k)
-        if q is None or k is None or q.ndim < 2 or k.ndim < 2:
-            continue
-        if _static_int(q.shape[-2]) == 1 and _static_int(k.shape[-2]) != 1:
+        if core.kind == "sdpa":
+            q, k = _example(core.q), _example(core.k)
+            if q is None or k is None or q.ndim < 2 or k.ndim < 2:
+                continue
+            queries, keys = q.shape[-2], k.shape[-2]
+        else:
+            probs = _example(core.node.args[0]) if core.node.args else None
+            if probs is None or probs.ndim < 2:
+                continue
+            queries, keys = probs.shape[-2], probs.shape[-1]
+        if _static_int(queries) == 1 and _static_int(keys) != 1:
             return True
     return False
 
