@@ -158,3 +158,22 @@ def test_decode_kv_without_a_cache_write_is_skipped_with_a_warning():
     assert rec.extra["decode"]
     kv = [s.key for s in rec.sites if s.slot in ("k", "v")]
     assert kv and all("no cache update was found" in rec.plan.skipped[k] for k in kv)
+
+
+def test_generation_bits_count_each_kv_entry_once():
+    """The BitMeter counts a decode step's K/V as the one token it writes (not the cache)."""
+    from stamp_fx import generation_bits
+
+    model, inputs = models.llama(batch=1, seq=PROMPT)
+    config = StampConfig(high_tokens=3, quantize_kv=True, decode_bits=4)
+    compiler = StampCompiler(config, inductor=False)
+    torch._dynamo.reset()
+    meter = generation_bits(
+        model, compiler, input_ids=inputs["input_ids"], max_new_tokens=NEW,
+        min_new_tokens=NEW, do_sample=False,
+    )  # fmt: skip
+    # Per layer and token: q/k/v input 32, o 32, gate/up 32, down 64; K and V 2 heads x 8.
+    per_token = 2 * (32 + 32 + 32 + 64 + 2 * 2 * 8)
+    assert meter.elements["decode"] == (NEW - 1) * per_token
+    assert meter.elements["prefill"] == PROMPT * per_token
+    assert meter.average("decode") == 4.0
