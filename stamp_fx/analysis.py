@@ -5,7 +5,10 @@
 * the input of every linear layer: ``torch._C._nn.linear`` / ``F.linear`` / ``aten.linear``,
   ``nn.Linear`` call_module nodes, and ``addmm`` / ``mm`` / ``matmul`` against a weight
   (GPT-2's ``Conv1D``);
-* the key and value at the input of every ``scaled_dot_product_attention`` (for KV quantization).
+* the key and value of every ``scaled_dot_product_attention`` (for KV quantization): where a
+  KV cache update feeds it (:func:`stamp_fx.kv_cache.find_cache_write`), the new tokens' K/V
+  before the cache stores them (quantize-on-write, ``extra["cache_write"]``); else the
+  attention input itself.
 
 Each site carries its module FQN (from ``nn_module_stack``), its *role* from the graph structure
 around attention (``q``, ``k``, ``v``, ``qkv`` for fused projections, ``attn_out``, ``mlp``,
@@ -20,9 +23,9 @@ earliest ``[B, S, D]`` origin (``origin`` is then that node and the pass re-appl
 anything else is not quantized, with a reason. :func:`unrecognised_linears` names matmul-family
 calls on parameters that are not recognised as linear layers (the backend warns about them).
 
-Padding: :func:`find_padding_mask` finds the HF ``attention_mask`` graph input (a
-``[batch, seq]`` integer or bool placeholder named after it; nonzero = real token), which the
-pass hands to the sites whose ``[batch, seq]`` sizes it matches.
+Padding: :func:`find_padding_mask` finds the HF ``attention_mask`` graph input (a 2-d padding
+mask or a 4-d attention mask, see :mod:`stamp_fx.padding`); the pass turns it into a
+``[batch, seq]`` real-token mask and hands it to the sites whose ``[batch, seq]`` sizes match.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from .kv_cache import CacheWrite, find_cache_write
 
 __all__ = [
     "Site",
@@ -697,6 +702,10 @@ def _kv_sites(cores: Iterable[AttentionCore], cross_cores: set[fx.Node]) -> list
     for core in cores:
         fqn = module_fqn(core.node) or core.node.name
         for slot, arg, idx in (("k", core.k, core.k_index), ("v", core.v, core.v_index)):
+            write = find_cache_write(arg, core.node) if core.kind == "sdpa" else None
+            if write is not None:  # quantize-on-write: the new tokens, before the cache
+                out.append(_write_site(fqn, slot, write, core.node in cross_cores))
+                continue
             t = _example(arg)
             reason = None
             if core.kind != "sdpa":
@@ -725,6 +734,26 @@ def _kv_sites(cores: Iterable[AttentionCore], cross_cores: set[fx.Node]) -> list
     return out
 
 
+def _write_site(fqn: str, slot: str, write: CacheWrite, cross: bool) -> Site:
+    """The K/V site of a cache update: ``write.new`` (``[batch, heads, new tokens, head_dim]``),
+    quantized along axis 2 before the cache stores it; the pass rewires every reader of it."""
+    t = _example(write.new)
+    return Site(
+        fqn=fqn,
+        slot=slot,
+        role=f"attn_{slot}",
+        consumer=write.write,
+        arg_index=-1,
+        origin=write.new,
+        seq_dim=2,
+        shape=_shape_str(t),
+        features=_static_int(t.shape[-1]),
+        in_block=_in_block(fqn),
+        cross=cross,
+        extra={"cache_write": write.kind},
+    )
+
+
 def _dedupe_keys(sites: list[Site]) -> None:
     """A module called twice in one graph (weight sharing) gets ``#1``, ``#2`` ... suffixes."""
     counts: dict[str, int] = {}
@@ -743,46 +772,50 @@ def _dedupe_keys(sites: list[Site]) -> None:
 
 
 def is_decode_graph(gm: fx.GraphModule) -> bool:
-    """Whether ``gm`` is a decode step: some ``scaled_dot_product_attention`` has a query of
-    statically one token and a key/value sequence that is not (the KV cache). A prefill, even
-    into a StaticCache, has a longer query; eager (softmax) attention is not inspected."""
+    """Whether ``gm`` is a decode step: some attention has a query of statically one token and
+    a key/value sequence that is not (the KV cache). ``scaled_dot_product_attention`` is read
+    from its query and key; eager ``softmax(q @ k^T) @ v`` from the attention probabilities
+    (``[..., queries, keys]``, whatever layout the scores were computed in). A prefill, even
+    into a StaticCache, has a longer query."""
     for core in find_attention_cores(gm):
-        if core.kind != "sdpa":
-            continue
-        q, k = _example(core.q), _example(core.k)
-        if q is None or k is None or q.ndim < 2 or k.ndim < 2:
-            continue
-        if _static_int(q.shape[-2]) == 1 and _static_int(k.shape[-2]) != 1:
+        if core.kind == "sdpa":
+            q, k = _example(core.q), _example(core.k)
+            if q is None or k is None or q.ndim < 2 or k.ndim < 2:
+                continue
+            queries, keys = q.shape[-2], k.shape[-2]
+        else:
+            probs = _example(core.node.args[0]) if core.node.args else None
+            if probs is None or probs.ndim < 2:
+                continue
+            queries, keys = probs.shape[-2], probs.shape[-1]
+        if _static_int(queries) == 1 and _static_int(keys) != 1:
             return True
     return False
 
 
 # -- padding ---------------------------------------------------------------------------------
 
-_MASK_DTYPES = {torch.bool, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64}
-
 
 def find_padding_mask(gm: fx.GraphModule) -> fx.Node | None:
-    """The graph input holding an HF-style padding mask, or None: a placeholder whose name
+    """The graph input holding the model's attention mask, or None: a placeholder whose name
     contains ``attention_mask`` (Dynamo names inputs after their source, e.g.
-    ``l_kwargs_attention_mask_``) with a rank-2 integer/bool example value ``[batch, seq]``.
-    A 4-d or float (additive) mask is not a padding mask in this sense and is ignored."""
+    ``l_kwargs_attention_mask_``) with a ``[batch, seq]`` padding mask (any dtype, nonzero =
+    real) or a 4-d ``[batch, heads, queries, keys]`` bool or additive float attention mask as
+    example value. :func:`stamp_fx.padding.real_tokens` says which tokens are real."""
     for node in gm.graph.nodes:
         if node.op != "placeholder" or "attention_mask" not in node.name:
             continue
         t = _example(node)
-        if t is not None and t.ndim == 2 and t.dtype in _MASK_DTYPES:
+        if t is not None and t.ndim in (2, 4):
             return node
     return None
 
 
 def mask_matches(mask: fx.Node, x: fx.Node, seq_dim: int) -> bool:
     """Whether a ``[batch, seq]`` mask describes the tokens of ``x`` along ``seq_dim``: same
-    batch and sequence sizes (symbolic sizes compared as expressions), and a batch that is not
-    statically one (a batch of one is taken as unpadded, so it compiles without the mask)."""
+    batch and sequence sizes (symbolic sizes compared as expressions). A batch of one counts:
+    a single left-padded prompt is padded too."""
     m, t = _example(mask), _example(x)
-    if m is None or t is None or t.ndim <= seq_dim or seq_dim < 1:
-        return False
-    if _static_int(t.shape[0]) == 1:
+    if m is None or t is None or m.ndim != 2 or t.ndim <= seq_dim or seq_dim < 1:
         return False
     return _same_size(m.shape[0], t.shape[0]) and _same_size(m.shape[1], t.shape[seq_dim])

@@ -8,7 +8,8 @@ rejected when Inductor is off. Every compiled graph is kept in ``StampCompiler.r
 
 Decode: a graph whose attention query is one token reading a longer KV cache
 (:func:`stamp_fx.analysis.is_decode_graph`) is planned with ``decode=True`` (its one-token linear
-inputs get ``decode_bits``, see :func:`stamp_fx.policy.decode_policy`). ``with
+inputs, and with ``quantize_kv`` the new token's K/V at the cache write, get ``decode_bits``,
+see :func:`stamp_fx.policy.decode_policy` and :mod:`stamp_fx.kv_cache`). ``with
 compiler.bit_meter() as meter:`` counts, call by call, the average activation bits of what the
 compiled graphs quantize (prefill and decode apart; :func:`generation_bits` wraps a
 ``generate()``).
@@ -173,7 +174,7 @@ class StampCompiler:
             warnings.warn(
                 "stamp: the graph has no linear layers; compiling it without STaMP", stacklevel=2
             )
-        _warn_unhandled(sites, plan)
+        _warn_unhandled(sites, plan, kv=self.config.quantize_kv)
         _warn_conflicts(conflicts)
         if self.config.enabled or self.plan is not None:
             _warn_nothing_quantized(sites, plan)
@@ -366,9 +367,11 @@ def generation_bits(model, compiler: StampCompiler | None = None, **generate_kwa
     return meter
 
 
-def _warn_unhandled(sites: Sequence[Site], plan: AllocationPlan) -> None:
-    """Warn about in-block sites the analysis could not handle (they run unquantized)."""
-    bad = [s for s in sites if s.in_block and s.reason is not None and s.slot == "in"]
+def _warn_unhandled(sites: Sequence[Site], plan: AllocationPlan, kv: bool = False) -> None:
+    """Warn about in-block sites the analysis could not handle (they run unquantized): linear
+    inputs, and with ``quantize_kv`` K/V too (e.g. eager attention, which has no K/V site)."""
+    slots = ("in", "k", "v") if kv else ("in",)
+    bad = [s for s in sites if s.in_block and s.reason is not None and s.slot in slots]
     if bad:
         listing = "; ".join(f"{s.key}: {s.reason}" for s in bad[:5])
         more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""

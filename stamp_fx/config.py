@@ -78,7 +78,9 @@ class StampConfig:
     """Rotation of the feature axis around the quantizer: ``"hadamard"`` is an online
     (block-)Hadamard (QuaRot style; blocks of the largest power of two dividing the features)."""
     quantize_kv: bool = False
-    """Also quantize keys and values at the attention input along the sequence (KV4.125)."""
+    """Also quantize keys and values along the sequence (KV4.125), once, where the KV cache
+    stores them (quantize-on-write: a prefill block by the sequence rule, a decode token by
+    the decode rule; see :mod:`stamp_fx.kv_cache`); without a cache, at the attention input."""
     decode_bits: int | None = None
     """Bits of the token of a decode step (a graph whose attention query is one new token
     reading a longer KV cache): plain per-token min-max, no sequence transform, no sink (the

@@ -5,15 +5,19 @@ Defaults, in order (the first that applies decides):
 1. a site the analysis could not quantize keeps its reason;
 2. sites outside the repeated blocks (LM head, embeddings, timestep/caption conditioning MLPs,
    poolers) are skipped;
-3. K/V at the attention input are skipped unless ``quantize_kv``;
+3. K/V (at the KV cache write, else the attention input) are skipped unless ``quantize_kv``;
 4. linears that project another sequence into cross-attention K/V (text tokens) get the
    ``identity`` transform: text is not locally correlated like image or token sequences;
 5. everything else gets the config's policy, with ``sink_tokens`` resolved for the model;
 6. in a decode step (``decode=True``: the graph's attention query is one new token reading a KV
    cache, :func:`stamp_fx.analysis.is_decode_graph`) a linear input of one token gets
    :func:`decode_policy`: per-token min-max at ``decode_bits`` (default ``high_bits``), no
-   transform, no sink. K/V sites of a decode step keep rule 5 (see the README: the cache is
-   re-quantized at every step; quantize-on-write is not implemented).
+   transform, no sink. K/V are quantized on write (:mod:`stamp_fx.kv_cache`): the K/V site
+   is the new tokens' K/V before the cache update, so a prefill block gets rule 5 (STaMP
+   along its sequence, sink included) once, a decode token gets :func:`decode_policy` once,
+   and what the cache holds is never quantized again. A decode step's K/V site with no
+   cache update found (its attention input is the whole cache) is skipped with a reason
+   (and a warning) rather than re-quantizing the cache.
 
 Then overrides apply in order (``_default`` first): a dict of policy fields replaces those
 fields, ``"skip"`` removes the site. Patterns that match no site raise a warning.
@@ -43,6 +47,12 @@ __all__ = [
     "pattern_matches",
     "decode_policy",
 ]
+
+
+DECODE_KV_REASON = (
+    "decode step: this K/V attention input holds the KV cache and no cache update was found "
+    "to quantize the new token at (quantizing here would re-quantize cached entries every step)"
+)
 
 
 def decode_policy(config: StampConfig) -> SitePolicy:
@@ -82,7 +92,9 @@ def _default_policy(
         return "outside the repeated blocks (LM head, embeddings, conditioning MLPs)"
     if site.slot.startswith(("k", "v")) and not config.quantize_kv:
         return "K/V quantization is off (options quantize_kv=True enables it)"
-    if decode and site.slot.startswith("in") and _static_length(site) == 1:
+    if decode and site.slot.startswith(("k", "v")) and not site.extra.get("cache_write"):
+        return DECODE_KV_REASON
+    if decode and _static_length(site) == 1:
         return decode_policy(config)
     policy = SitePolicy.from_config(config, sink_tokens=sink_tokens)
     if site.cross:
@@ -218,4 +230,7 @@ def plan_sites(
             **(meta or {}),
         },
     )
-    return fit_plan(sites, plan)
+    fitted, conflicts = fit_plan(sites, plan)
+    # Warned about like an option that does not fit: quantize_kv cannot be honoured there.
+    unwritten = {k: v for k, v in decided.items() if v == DECODE_KV_REASON}
+    return fitted, {**unwritten, **conflicts}

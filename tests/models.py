@@ -16,13 +16,16 @@ def _ids(batch: int, seq: int, seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed + 1))
 
 
-def llama(seed=0, hidden=32, layers=2, heads=4, kv_heads=2, batch=2, seq=12):
+def llama(
+    seed=0, hidden=32, layers=2, heads=4, kv_heads=2, batch=2, seq=12, attn_implementation="sdpa"
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        attn_implementation=attn_implementation,
     )  # fmt: skip
     return LlamaForCausalLM(cfg).eval(), {"input_ids": _ids(batch, seq, seed)}
 

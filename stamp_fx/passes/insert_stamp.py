@@ -7,10 +7,16 @@ layout chain, see ``analysis._sequence_origin``) is quantized at its ``[B, S, D]
 the chain is re-applied. Running the pass again finds
 the inserted ops and adds nothing (idempotent).
 
-Padded batches: when the graph has an ``attention_mask`` input (``ctx.padding_mask``) whose
-``[batch, seq]`` sizes match a site's, that site gets ``stamp::fake_quant_masked`` (each row's
-real tokens quantized as a sequence of their own) instead of ``stamp::fake_quant``. Graphs
-without a mask, and batches that are statically one, get exactly the plain op.
+K/V at a KV cache update (``site.extra["cache_write"]``, see :mod:`stamp_fx.kv_cache`) are
+quantized where the new tokens' K/V are made, and every reader of them (the cache update, so
+the cache stores the quantized value) is rewired: quantize-on-write.
+
+Padded batches: when the graph has an ``attention_mask`` input (``ctx.padding_mask``; a 4-d
+or float mask is first turned into a ``[batch, seq]`` real-token mask,
+:func:`stamp_fx.padding.real_token_node`) whose ``[batch, seq]`` sizes match a site's, that
+site gets ``stamp::fake_quant_masked`` (each row's real tokens quantized as a sequence of their
+own) instead of ``stamp::fake_quant``, a batch of one included. Graphs without a mask get
+exactly the plain op.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch import fx
 
 from ..analysis import mask_matches
 from ..ops import op_args
+from ..padding import real_token_node
 from .context import PassContext, StampMeta
 
 STAMP_OP = torch.ops.stamp.fake_quant.default
@@ -123,6 +130,16 @@ def _flatten_back(gm: fx.GraphModule, quant: fx.Node, flat: fx.Node, meta) -> fx
     return node
 
 
+def _mark_consumer(site, policy) -> None:
+    prev = site.consumer.meta.get("stamp")
+    site.consumer.meta["stamp"] = StampMeta(
+        (prev.sites if prev else ()) + (site.key,),
+        (prev.roles if prev else ()) + (site.role,),
+        policy.describe(),
+        "consumer",
+    )
+
+
 def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
     groups: dict[tuple, list] = {}
     already = 0
@@ -140,11 +157,12 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
         flat_origin = None
         if unflatten is not None:  # [B*S, F] -> [B, S, F] here, and back after quantizing
             flat_origin, origin = origin, _unflatten(gm, origin, unflatten)
-        mask = ctx.padding_mask
-        if mask is not None and (
-            ctx.observer is not None or not mask_matches(mask, origin, seq_dim)
-        ):
-            mask = None
+        mask = None
+        if ctx.padding_mask is not None and ctx.observer is None:
+            real = ctx.extra.get("real_tokens")
+            if real is None:  # once per graph, and only when some site is planned
+                real = ctx.extra["real_tokens"] = real_token_node(gm, ctx.padding_mask)
+            mask = real if mask_matches(real, origin, seq_dim) else None
         meta = StampMeta(
             tuple(s.key for s in sites),
             tuple(s.role for s in sites),
@@ -170,6 +188,16 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
         inserted += 1
         views: dict[fx.Node, fx.Node] = {}  # original chain node -> its copy on ``quant``
         for site in sites:
+            if site.extra.get("cache_write"):
+                # Quantize-on-write: the cache update and every other reader of the new K/V
+                # (attention in a no-cache path) see the quantized value.
+                keep = set(new_nodes)
+                origin.replace_all_uses_with(
+                    quant, delete_user_cb=lambda n, keep=keep: n not in keep
+                )
+                _mark_consumer(site, policy)
+                rewired += 1
+                continue
             new_input = quant
             for r in site.chain:
                 if r not in views:
@@ -182,13 +210,7 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
                     views[r].meta["stamp"] = meta
                 new_input = views[r]
             site.consumer.update_arg(site.arg_index, new_input)
-            prev = site.consumer.meta.get("stamp")
-            site.consumer.meta["stamp"] = StampMeta(
-                (prev.sites if prev else ()) + (site.key,),
-                (prev.roles if prev else ()) + (site.role,),
-                policy.describe(),
-                "consumer",
-            )
+            _mark_consumer(site, policy)
             rewired += 1
         for old in reversed(list(views)):  # the originals, now unused (consumer side first)
             if not old.users:

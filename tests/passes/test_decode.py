@@ -54,3 +54,23 @@ def test_decode_bits_is_validated():
         StampConfig(decode_bits=1)
     with pytest.raises(ValueError, match="decode_bits"):
         StampConfig.from_dict({"decode_bits": "4"})
+
+
+def test_eager_attention_decode_steps_get_the_decode_rule():
+    """Decode detection reads eager (softmax) attention too: its one-token steps get the
+    decode rule; K/V quantization, asked for, is not done there and says so."""
+    model, inputs = models.llama(batch=1, seq=PROMPT, attn_implementation="eager")
+    config = StampConfig(high_tokens=4, decode_bits=4, quantize_kv=True)
+    compiler = StampCompiler(config, inductor=False)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="eager attention: K/V quantization"):
+        meter = generation_bits(
+            model, compiler, input_ids=inputs["input_ids"], max_new_tokens=4,
+            min_new_tokens=4, do_sample=False,
+        )  # fmt: skip
+    assert meter.calls == {"prefill": 1, "decode": 3}
+    assert meter.average("decode") == 4.0
+    decode = [r for r in compiler.records if r.extra["decode"]]
+    assert decode and all(
+        (p.transform, p.low_bits) == ("identity", 4) for r in decode for p in r.plan.sites.values()
+    )
