@@ -9,6 +9,20 @@ import torch
 from stamp_fx import StampCompiler, apply_plan_eager
 from tests.models import main_output
 
+REFERENCE_OPS = ("torch.ops.stamp.fake_quant", "torch.ops.stamp.hadamard.")
+"""Prefixes of the reference ``stamp::`` ops in generated code (not the hand-written kernels'
+``stamp::haar_fake_quant`` / ``stamp::hadamard_kernel``)."""
+
+
+def stamp_calls(code: str, ops: tuple[str, ...] = ("torch.ops.stamp.",)) -> list[str]:
+    """Lines of Inductor's generated ``code`` that call an op starting with one of ``ops``
+    (comments excluded): extern calls Inductor did not decompose."""
+    return [
+        line
+        for line in code.splitlines()
+        if any(op in line for op in ops) and not line.lstrip().startswith("#")
+    ]
+
 
 def compile_and_run(model, inputs, compiler: StampCompiler, **compile_kwargs) -> torch.Tensor:
     """Fresh Dynamo state, compile with ``compiler``, run once under no_grad."""

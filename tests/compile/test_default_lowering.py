@@ -13,16 +13,7 @@ from torch._inductor.utils import run_and_get_code
 
 from stamp_fx import StampCompiler, StampConfig
 from tests import models
-from tests.helpers import assert_no_worse_than_eager
-
-
-def stamp_calls(code: str) -> list[str]:
-    """Lines of generated code that call into a stamp:: op (comments excluded)."""
-    return [
-        line
-        for line in code.splitlines()
-        if "torch.ops.stamp" in line and not line.lstrip().startswith("#")
-    ]
+from tests.helpers import assert_no_worse_than_eager, stamp_calls
 
 
 def run_default(model, inputs, config, **compile_kwargs):
