@@ -28,8 +28,8 @@ pass, ``torch.compile(model, backend="stamp", options=...)`` exactly (``--config
   (stamp_fx/policy.py), and any other site whose static length does not fill the grid is left
   unquantized with that reason (the ``sites`` column counts quantized sites only).
 
-The stamp side uses the library's default lowering unless ``--kernel`` names one (then it is
-added to the options as ``"kernel"``). In ``--quick`` every configuration also gets
+The stamp side uses the library's default lowering unless ``--lowering`` names one (then it is
+added to the options as ``"lowering"``). In ``--quick`` every configuration also gets
 ``high_tokens=8`` so the tiny sequences have Haar levels.
 
 Columns: quantized sites; median latency of the inductor baseline and of stamp
@@ -317,7 +317,7 @@ def measure(label, batch, model, inputs, names, grid, args, compiles, rows, used
     del base_fn, base_out, eager
     for name in names:
         options = config_options(name, grid=grid, quick=args.quick)
-        timed = {**options, **({"kernel": args.kernel} if args.kernel else {})}
+        timed = {**options, **({"lowering": args.lowering} if args.lowering else {})}
         used[f"{label.split()[0]} {name}"] = timed
         stamp_fn, stamp_compile, out = compiles.compile(
             model, inputs, backend="stamp", options=timed
@@ -347,8 +347,8 @@ def measure(label, batch, model, inputs, names, grid, args, compiles, rows, used
 def parse_args():
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument(
-        "--kernel", default=None,
-        help="stamp lowering, added to the options as 'kernel' (default: the library's default)",
+        "--lowering", "--kernel", dest="lowering", default=None,
+        help="stamp lowering, added to the options as 'lowering' (default: the library's default)",
     )  # fmt: skip
     parser.add_argument(
         "--configs", nargs="*", default=["none", "hadamard", "hadamard_kv"],
@@ -423,7 +423,7 @@ def run(args, compiles: Compiles) -> None:
         )
         notes["dit"] = f"{kind}, {shape.layers} blocks, {dtype}, {shape.text_tokens} text tokens"
 
-    kernel = args.kernel or f"{default_lowering()} (the default)"
+    kernel = args.lowering or f"{default_lowering()} (the default)"
     compile_kind = "warm shared Inductor cache (--quick)" if args.quick else "cold"
     emit(
         f"end to end, backend='stamp' (kernel {kernel}) vs 'inductor'; compiles {compile_kind}; "

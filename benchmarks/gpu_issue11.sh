@@ -64,7 +64,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv >> "
 common=(--device "$DEVICE")
 if [ -n "${QUICK:-}" ]; then common+=(--quick) && : "${SEQS:=64}" "${BATCHES:=1}"; fi
 kernel_args=()
-if [ -n "${KERNEL:-}" ]; then kernel_args=(--kernel "$KERNEL"); fi
+if [ -n "${KERNEL:-}" ]; then kernel_args=(--lowering "$KERNEL"); fi
 start=$(date +%s)
 case "$stage" in
   tests)

@@ -66,7 +66,7 @@ def default_lowering() -> str:
     """The lowering ``torch.compile(model, backend="stamp")`` uses with no options."""
     from stamp_fx import StampCompiler
 
-    return StampCompiler.from_options({}).options.kernel
+    return StampCompiler.from_options({}).options.lowering
 
 
 def provenance(device: str) -> dict[str, object]:

@@ -1,6 +1,6 @@
 """Inductor-facing lowering of ``stamp::`` ops (installed as ``stamp_fx.lowering``).
 
-* :mod:`.registry`: the lowerings selectable with ``options={"kernel": name}``
+* :mod:`.registry`: the lowerings selectable with ``options={"lowering": name}``
   (``auto``, the default; ``triton``, ``inductor``, ``reference``);
 * :mod:`.kernel_choice`: which op runs each ``stamp::`` node under a lowering (the one place
   that decides; applied by the backend's ``select_kernels`` pass);

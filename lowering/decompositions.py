@@ -8,7 +8,7 @@ kernels (C++ on the CPU, Triton on CUDA) with no call back into a ``stamp::`` op
 with ``s`` sinks and ``L = S - s`` transformed tokens along ``seq_dim``:
 
 1. move ``seq_dim`` to the front (a view) and cast to the working dtype (float32; float64 stays);
-2. ``z = cat(x[:s], T(pad(x[s:])))``: ``T`` comes from :data:`TRANSFORM_DECOMPOSITIONS`;
+2. ``z = cat(x[:s], T(pad(x[s:])))``: ``T`` is the transform's ``traceable`` twin;
 3. the bit width of quantized token ``p`` is a function of ``p`` alone, built from an ``arange``
    and comparisons (first-``high_tokens`` rule, or the ``band_edges``/``band_bits`` plan), so it
    stays symbolic in the length instead of becoming a Python list of ``S`` entries;
@@ -57,12 +57,13 @@ import torch
 from torch import Tensor
 
 from stamp_fx.plan import SitePolicy
-from stamp_fx.transforms import _sequency_order, block_hadamard
+from stamp_fx.quantizer import working_dtype
+from stamp_fx.transforms import TRANSFORMS, _sequency_order, block_hadamard, transform_class
 
 from .symbolic import IntLike, ceil_to, haar_levels, next_pow2_bracket, symbolic_length
 
 __all__ = [
-    "TRANSFORM_DECOMPOSITIONS",
+    "traceable_transform",
     "TransformDecomposition",
     "register_transform_decomposition",
     "decomposable_transforms",
@@ -75,27 +76,32 @@ __all__ = [
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)  # the same double the reference multiplies by
 
-TRANSFORM_DECOMPOSITIONS: dict[str, type[TransformDecomposition]] = {}
-"""Transform name -> traceable twin of :class:`stamp_fx.transforms.SequenceTransform`."""
-
 
 def register_transform_decomposition(
     name: str,
 ) -> Callable[[type[TransformDecomposition]], type[TransformDecomposition]]:
-    """Class decorator adding a traceable transform to :data:`TRANSFORM_DECOMPOSITIONS`."""
+    """Class decorator making a traceable transform the ``traceable`` twin of the registered
+    :class:`stamp_fx.transforms.SequenceTransform` ``name`` (one registry entry for both)."""
 
     def deco(cls: type[TransformDecomposition]) -> type[TransformDecomposition]:
-        if name in TRANSFORM_DECOMPOSITIONS:
+        transform = transform_class(name)
+        if transform.__dict__.get("traceable") is not None:
             raise ValueError(f"transform decomposition {name!r} is already registered")
         cls.name = name
-        TRANSFORM_DECOMPOSITIONS[name] = cls
+        transform.traceable = cls
         return cls
 
     return deco
 
 
+def traceable_transform(name: str) -> type[TransformDecomposition] | None:
+    """The decomposition of the transform ``name``, or None (unknown, or none registered)."""
+    transform = TRANSFORMS.get(name)
+    return None if transform is None else transform.__dict__.get("traceable")
+
+
 def decomposable_transforms() -> tuple[str, ...]:
-    return tuple(sorted(TRANSFORM_DECOMPOSITIONS))
+    return tuple(sorted(n for n in TRANSFORMS if traceable_transform(n) is not None))
 
 
 class TransformDecomposition(ABC):
@@ -396,22 +402,21 @@ def _fake_quant_rows(z: Tensor, qmax: Tensor, policy: SitePolicy) -> Tensor:
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     if not dtype.is_floating_point:
         raise TypeError(f"stamp::fake_quant takes a floating-point tensor, got {dtype}")
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return working_dtype(dtype)
 
 
 def stamp_fake_quant_traceable(x: Tensor, policy: SitePolicy, seq_dim: int) -> Tensor:
     """:meth:`SitePolicy.apply` written for tracing (see the module docstring); also runs eagerly.
 
     Raises ``ValueError`` for a transform without a decomposition (see
-    :data:`TRANSFORM_DECOMPOSITIONS`) and for the errors the reference raises.
+    :func:`traceable_transform`) and for the errors the reference raises.
     """
-    try:
-        transform_cls = TRANSFORM_DECOMPOSITIONS[policy.transform]
-    except KeyError:
+    transform_cls = traceable_transform(policy.transform)
+    if transform_cls is None:
         raise ValueError(
             f"transform {policy.transform!r} has no Inductor decomposition; decomposable: "
             f"{', '.join(decomposable_transforms())}"
-        ) from None
+        )
     seq_dim = seq_dim % x.ndim
     if seq_dim == x.ndim - 1:
         raise ValueError("seq_dim must not be the feature (last) dim")
@@ -489,15 +494,14 @@ def stamp_fake_quant_decomposition(
     Returns ``NotImplemented`` (Inductor then keeps the op as an extern call to the reference)
     for a transform without a traceable twin, i.e. ``klt``.
     """
-    if transform not in TRANSFORM_DECOMPOSITIONS or autocorr is not None:
+    traceable = traceable_transform(transform)
+    if traceable is None or autocorr is not None:
         return NotImplemented
     policy = policy_of(
         transform, levels, grid, sink_tokens, high_tokens, high_bits, low_bits,
         band_edges, band_bits, symmetric, group_size, autocorr,
     )  # fmt: skip
-    if symbolic_length(x, seq_dim) and TRANSFORM_DECOMPOSITIONS[transform].shape_depends_on_length(
-        policy
-    ):
+    if symbolic_length(x, seq_dim) and traceable.shape_depends_on_length(policy):
         # A dynamic length whose coefficient layout changes by bracket (auto Haar levels, the
         # WHT's power-of-two size): decomposing would guard on the bracket, and a length in
         # another bracket would recompile. The extern call decides per call instead (no guard).

@@ -4,7 +4,7 @@ When a ``triton_op`` launches a user Triton kernel inside ``torch.compile``, tor
 which tensor arguments the launch writes (``identify_accessed_tensors`` in
 ``torch._higher_order_ops.triton_kernel_wrap``, ``identify_mutated_tensors`` before torch
 2.12): it generates the kernel's Triton IR and walks it, for the functionalization of every launch and again when Inductor lowers it. That was most
-of the extra compile time of ``kernel="triton"`` (a cProfile of a 4-block DiT compile on an
+of the extra compile time of ``lowering="triton"`` (a cProfile of a 4-block DiT compile on an
 H200: 92 s against Inductor's 11 s), yet a model has hundreds of launches and only a handful of
 distinct ones: the answer depends only on the kernel, its compile-time constants and which
 arguments are tensors, none of which change between the sites of one model.

@@ -4,7 +4,7 @@ The stamp backend's ``select_kernels`` pass calls :func:`choose` on every ``stam
 and ``stamp::hadamard`` node of the Dynamo graph, after the quantizers are inserted and before
 Inductor sees the graph, and swaps the node for the answer. Deciding here, on the graph the
 backend owns, instead of in a pass installed into Inductor's config, leaves a user's own
-Inductor passes alone and puts the choice in the debug dumps (``kernel=`` in ``meta["stamp"]``).
+Inductor passes alone and puts the choice in the debug dumps (``stamp_kernel`` in the node meta).
 
 The answers, for a lowering with hand-written kernels (``auto``, the default; ``triton``):
 
@@ -88,9 +88,9 @@ def _concrete_arg(arg):
 
 
 def _fallback(policy: SitePolicy, x: Tensor, seq_dim: int) -> Choice:
-    from .decompositions import TRANSFORM_DECOMPOSITIONS
+    from .decompositions import traceable_transform
 
-    cls = TRANSFORM_DECOMPOSITIONS.get(policy.transform)
+    cls = traceable_transform(policy.transform)
     if cls is None or policy.autocorr_key is not None:
         return Choice(REFERENCE)
     if symbolic_length(x, seq_dim) and cls.shape_depends_on_length(policy):

@@ -1,4 +1,4 @@
-"""Lowerings of ``stamp::`` ops for Inductor, in a name registry (``options={"kernel": name}``).
+"""Lowerings of ``stamp::`` ops for Inductor, in a name registry (``options={"lowering": name}``).
 
 A :class:`Lowering` says whether Inductor decomposes ``stamp::`` ops (:mod:`.decompositions`),
 adds Inductor config patches, and makes the choice of op for each ``stamp::`` node
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stamp_fx.config import DEFAULT_KERNEL as DEFAULT_LOWERING
+from stamp_fx.config import DEFAULT_LOWERING
 
 from .cache import inductor_config_patches
 
@@ -128,7 +128,7 @@ def get_lowering(name: str) -> Lowering:
         return LOWERINGS[name]
     except KeyError:
         raise ValueError(
-            f"kernel: unknown {name!r}; valid kernels: {', '.join(available_lowerings())}"
+            f"lowering: unknown {name!r}; valid lowerings: {', '.join(available_lowerings())}"
         ) from None
 
 

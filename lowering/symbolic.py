@@ -13,13 +13,15 @@ every guard it installs is listed here:
   1449..2896 all give 5 levels for the default target of 64), not the single length.
 * :func:`next_pow2_bracket`: the Walsh-Hadamard transform pads to the next power of two, which
   must be concrete (it sizes the butterfly); the guard is ``2**(m-1) < n <= 2**m``.
-* :func:`clamp_sinks`: ``min(sink_tokens, S)`` guards on ``S <= sink_tokens`` only.
+* :func:`clamp_sinks` (defined once, in :mod:`stamp_fx.reference`): ``min(sink_tokens, S)``
+  guards on ``S <= sink_tokens`` only.
 """
 
 from __future__ import annotations
 
 import functools
 
+from stamp_fx.reference import clamp_sinks
 from stamp_fx.transforms import auto_haar_levels
 
 __all__ = [
@@ -76,15 +78,6 @@ def next_pow2_bracket(length: IntLike) -> int:
     while length > (1 << m):  # a guard per step when `length` is symbolic
         m += 1
     return 1 << m
-
-
-def clamp_sinks(sink_tokens: int, length: IntLike) -> IntLike:
-    """``min(sink_tokens, length)``, guarding only on whether the sequence is all sinks."""
-    if sink_tokens == 0:
-        return 0
-    if length <= sink_tokens:  # a guard when `length` is symbolic
-        return length
-    return sink_tokens
 
 
 def ceil_to(n: IntLike, multiple: int) -> IntLike:

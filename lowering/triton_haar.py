@@ -81,6 +81,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.library import triton_op, wrap_triton
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
+from stamp_fx.bitwidths import validate_bits
 from stamp_fx.plan import SitePolicy
 
 from . import haar_rows
@@ -408,8 +409,7 @@ def _check(levels: int, high_bits: int, low_bits: int, dtype: torch.dtype) -> No
     if not 0 <= levels <= MAX_LEVELS:
         raise ValueError(f"levels: the Triton Haar kernel takes 0..{MAX_LEVELS}, got {levels}")
     for name, bits in (("high_bits", high_bits), ("low_bits", low_bits)):
-        if not 2 <= bits <= 16:
-            raise ValueError(f"{name} must be in 2..16, got {bits}")
+        validate_bits(bits, name)
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton Haar kernel takes float16/bfloat16/float32, got {dtype}")
 

@@ -47,14 +47,14 @@ def explain(
 
     ``plan`` and ``debug_dir`` are honoured; ``avg_bits`` (with ``allowed_bits`` /
     ``allocation_metric``) solves the bits on these inputs and the table shows them. explain
-    never runs Inductor, so ``kernel``, ``mode`` and ``inductor=True`` raise."""
+    never runs Inductor, so ``lowering`` (old name ``kernel``), ``mode`` and ``inductor=True`` raise."""
     if options.get("inductor", False) is not False:
         raise ValueError(
             f"inductor: explain runs the graph without Inductor; got inductor={options['inductor']!r} "
             "(leave it out, or compile with torch.compile(model, backend='stamp') to use Inductor)"
         )
     options.pop("inductor", None)
-    _reject_backend_options("explain", options, ("kernel", "mode"))
+    _reject_backend_options("explain", options, ("lowering", "kernel", "mode"))
     config, backend = from_options(options)
     observer = EnergyObserver()
     compiler = StampCompiler(
@@ -95,7 +95,7 @@ def calibrate(
 
     ``options`` are the backend's policy options (``transform=``, ``avg_bits=``, ...), merged
     over ``config``, and ``debug_dir`` (graph dumps of the calibration graphs); the other
-    backend options (``plan``, ``kernel``, ``mode``, ``inductor``) raise: calibration builds
+    backend options (``plan``, ``lowering`` / ``kernel``, ``mode``, ``inductor``) raise: calibration builds
     the plan and runs without Inductor.
     """
     config, debug_dir = merged_config(config, options, what="calibrate")
@@ -113,7 +113,7 @@ def calibrate(
     return observer.finalize(compiler.merged_plan(), config)
 
 
-_CALIBRATION_ONLY_BACKEND = ("plan", "kernel", "mode", "inductor")
+_CALIBRATION_ONLY_BACKEND = ("plan", "lowering", "kernel", "mode", "inductor")
 
 
 def _reject_backend_options(what: str, options: dict[str, Any], names: tuple[str, ...]) -> None:

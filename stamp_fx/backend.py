@@ -109,7 +109,8 @@ class StampCompiler:
         inductor: bool = True,
         plan: Any = None,
         debug_dir: str | None = None,
-        kernel: str = DEFAULT_LOWERING,
+        lowering: str = DEFAULT_LOWERING,
+        kernel: str | None = None,
         mode: str | None = None,
         causal: bool | None = None,
         observer: Callable | None = None,
@@ -118,9 +119,11 @@ class StampCompiler:
         if observer is None:  # calibration (observer mode) is where the solver options act
             reject_solver_options(solver_fields_set(self.config))
         self.options = BackendOptions(
-            inductor=inductor, plan=plan, debug_dir=debug_dir, kernel=kernel, mode=mode
-        )
-        self.lowering = get_lowering(kernel)  # validates the name against the registry
+            inductor=inductor, plan=plan, debug_dir=debug_dir, lowering=lowering, kernel=kernel,
+            mode=mode,
+        )  # fmt: skip
+        # validates the name against the registry
+        self.lowering = get_lowering(self.options.lowering)
         self.plan = load_plan(plan) if plan is not None else None
         self.config_patches = _mode_patches(mode, inductor)
         self.causal = causal
@@ -141,7 +144,7 @@ class StampCompiler:
             inductor=backend.inductor,
             plan=backend.plan,
             debug_dir=backend.debug_dir,
-            kernel=backend.kernel,
+            lowering=backend.lowering,
             mode=backend.mode,
             **kwargs,
         )

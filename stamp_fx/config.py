@@ -21,12 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from .bitwidths import MAX_BITS, MIN_BITS, is_finite_number, validate_bits
 from .quantizer import TokenBits
-from .transforms import FEATURE_TRANSFORMS, SequenceTransform, available_transforms, make_transform
+from .transforms import FEATURE_TRANSFORMS, SequenceTransform, available_transforms, transform_for
 
 __all__ = [
     "CONFIG_VERSION",
@@ -38,8 +39,8 @@ __all__ = [
 ]
 
 CONFIG_VERSION = 1
-DEFAULT_KERNEL = "auto"
-"""The lowering a compile gets when ``kernel`` is not given (see ``stamp_fx.lowering``)."""
+DEFAULT_LOWERING = "auto"
+"""The lowering a compile gets when ``lowering`` is not given (see ``stamp_fx.lowering``)."""
 ALLOCATION_METRICS = ("energy", "range")
 
 
@@ -184,14 +185,10 @@ class StampConfig:
     ) -> SequenceTransform:
         """Instantiate the sequence transform (``grid`` overrides the config's for haar2d;
         ``params`` such as ``autocorr`` for klt are passed through)."""
-        target = max(1, self.high_tokens)
-        if self.transform == "haar":
-            return make_transform("haar", levels=self.levels, target=target)
-        if self.transform == "haar2d":
-            return make_transform(
-                "haar2d", grid=grid or self.grid, levels=self.levels, target=target
-            )
-        return make_transform(self.transform, **params)
+        return transform_for(
+            self.transform, levels=self.levels, grid=grid or self.grid,
+            target=max(1, self.high_tokens), **params,
+        )  # fmt: skip
 
     def replace(self, **changes: Any) -> StampConfig:
         return dataclasses.replace(self, **changes)
@@ -366,10 +363,13 @@ class BackendOptions:
     """A saved plan (JSON path, dict or AllocationPlan) used verbatim instead of the policy."""
     debug_dir: str | None = None
     """Write graph dumps, plan.json and the site table here."""
-    kernel: str = DEFAULT_KERNEL
+    lowering: str = DEFAULT_LOWERING
     """How stamp ops are lowered in Inductor: a name from ``stamp_fx.lowering.available_lowerings()``
     (``auto``: the fastest correct op for each site and device; ``reference``: the eager
     reference, for debugging)."""
+    kernel: str | None = None
+    """The old name of ``lowering`` (it selects a lowering, not one kernel): still accepted,
+    with a ``FutureWarning``; folded into ``lowering`` (and reset to None) on construction."""
     mode: str | None = None
     """torch.compile mode, mapped onto Inductor's config. torch.compile refuses ``mode=`` and
     ``options=`` together, so it may also be given as ``options={"mode": ...}``."""
@@ -379,8 +379,22 @@ class BackendOptions:
             raise ValueError(f"inductor: must be True or False, got {self.inductor!r}")
         if self.debug_dir is not None and not isinstance(self.debug_dir, (str, os.PathLike)):
             raise ValueError(f"debug_dir: must be a path, got {self.debug_dir!r}")
-        if not isinstance(self.kernel, str):
-            raise ValueError(f"kernel: must be a lowering name, got {self.kernel!r}")
+        if self.kernel is not None:
+            if self.lowering not in (DEFAULT_LOWERING, self.kernel):
+                raise ValueError(
+                    f"lowering given twice: lowering={self.lowering!r} and its old name "
+                    f"kernel={self.kernel!r}; pass lowering only"
+                )
+            warnings.warn(
+                f"stamp option 'kernel' is now called 'lowering' (it selects a lowering); "
+                f"use lowering={self.kernel!r}",
+                FutureWarning,
+                stacklevel=4,
+            )
+            object.__setattr__(self, "lowering", self.kernel)
+            object.__setattr__(self, "kernel", None)
+        if not isinstance(self.lowering, str):
+            raise ValueError(f"lowering: must be a lowering name, got {self.lowering!r}")
 
 
 def from_options(

@@ -25,7 +25,13 @@ from .allocation import SpectralBitPlan
 from .config import StampConfig
 from .quantizer import TokenBits, validate_bits
 from .reference import clamp_sinks, stamp_fake_quant_ref
-from .transforms import SequenceTransform, block_hadamard, feature_block_size, make_transform
+from .transforms import (
+    SequenceTransform,
+    block_hadamard,
+    feature_block_size,
+    make_transform,
+    transform_for,
+)
 
 __all__ = ["PLAN_VERSION", "SitePolicy", "AllocationPlan", "load_plan"]
 
@@ -120,27 +126,17 @@ class SitePolicy:
 
     # -- evaluation ------------------------------------------------------------------------
     def make_transform(self, tensors: Mapping[str, Tensor] | None = None) -> SequenceTransform:
-        target = max(1, self.high_tokens)
-        if self.transform == "haar":
-            return make_transform("haar", levels=self.levels, target=target)
-        if self.transform == "haar2d":
-            if self.grid is None:
-                raise ValueError(
-                    "transform 'haar2d' needs a token grid: pass options={'grid': (height, width)}"
-                )
-            return make_transform("haar2d", grid=self.grid, levels=self.levels, target=target)
-        if self.transform == "klt":
-            if self.autocorr_key is None:
-                raise ValueError(
-                    "transform 'klt' needs a calibrated plan: plan = stamp_fx.calibrate(model, batches, "
-                    "transform='klt'), then options={'plan': plan}"
-                )
+        if self.autocorr_key is not None:
+            # A calibrated transform (klt): built from the plan's tensor, its basis cached.
             if tensors is None or self.autocorr_key not in tensors:
                 raise ValueError(
-                    f"klt autocorrelation {self.autocorr_key!r} is missing from the plan's tensors"
+                    f"{self.transform} autocorrelation {self.autocorr_key!r} is missing from the "
+                    "plan's tensors"
                 )
             return _klt_for(tensors[self.autocorr_key])
-        return make_transform(self.transform)
+        return transform_for(
+            self.transform, levels=self.levels, grid=self.grid, target=max(1, self.high_tokens)
+        )
 
     def quantized_bits(self, quantized_length: int, sinks: int) -> list[int]:
         """Bits over a quantized sequence of ``sinks`` raw positions then transformed tokens."""

@@ -105,7 +105,7 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype STaMP computes in for inputs of ``dtype``: float64 stays float64 (oracles),
     everything else (float32, bfloat16, float16) is computed in float32 and rounded once at the
     end. The one definition for the reference, the transforms, the quantizer and weights
-    (``lowering/decompositions.py`` keeps a copy of its own until the lowering rewrite lands)."""
+    (``lowering/decompositions.py`` adds its floating-point check in front of it)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -45,8 +45,8 @@ def _as_transform(transform: str | SequenceTransform) -> SequenceTransform:
 
 def clamp_sinks(sink_tokens: int, length: int) -> int:
     """Step 1's split point, ``min(sink_tokens, length)``: a sequence shorter than the sinks is
-    all sinks. Asks a symbolic ``length`` only whether the sequence is all sinks (one guard), so
-    ``lowering/symbolic.clamp_sinks``, the same rule written before this one, can import it."""
+    all sinks. Asks a symbolic ``length`` only whether the sequence is all sinks (one guard);
+    ``lowering/symbolic`` re-exports it among the lowering's guards."""
     if sink_tokens == 0:
         return 0
     if length <= sink_tokens:  # a guard when `length` is symbolic

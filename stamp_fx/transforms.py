@@ -38,6 +38,8 @@ __all__ = [
     "TRANSFORMS",
     "register_transform",
     "make_transform",
+    "transform_class",
+    "transform_for",
     "available_transforms",
     "auto_haar_levels",
     "auto_haar2d_levels",
@@ -75,15 +77,34 @@ def available_transforms() -> tuple[str, ...]:
     return tuple(sorted(TRANSFORMS))
 
 
-def make_transform(name: str, **params) -> SequenceTransform:
-    """Build a registered transform by name, e.g. ``make_transform("haar", levels=5)``."""
+def transform_class(name: str) -> type[SequenceTransform]:
+    """The registered transform class ``name`` (ValueError listing the valid names)."""
     try:
-        cls = TRANSFORMS[name]
+        return TRANSFORMS[name]
     except KeyError:
         raise ValueError(
             f"unknown transform {name!r}; valid transforms: {', '.join(available_transforms())}"
         ) from None
-    return cls(**params)
+
+
+def make_transform(name: str, **params) -> SequenceTransform:
+    """Build a registered transform by name, e.g. ``make_transform("haar", levels=5)``."""
+    return transform_class(name)(**params)
+
+
+def transform_for(
+    name: str,
+    *,
+    levels: int | None = None,
+    grid: tuple[int, int] | None = None,
+    target: int = HIGH_PRECISION_TARGET,
+    autocorr: Tensor | None = None,
+) -> SequenceTransform:
+    """The transform ``name`` for a site's settings (a config's or a policy's fields): the
+    one place they are decoded, by each class's :meth:`SequenceTransform.from_settings`."""
+    return transform_class(name).from_settings(
+        levels=levels, grid=grid, target=target, autocorr=autocorr
+    )
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,6 +124,23 @@ class SequenceTransform(ABC):
     """An orthonormal transform along one (sequence) axis; see the module docstring."""
 
     name: ClassVar[str] = "?"
+    traceable: ClassVar[type | None] = None
+    """Its traceable twin for Inductor (a ``lowering.decompositions.TransformDecomposition``),
+    set when the lowering registers one; None: Inductor calls the reference (an extern call).
+    Kept on the class so that a transform and its decomposition are one registry entry."""
+
+    @classmethod
+    def from_settings(
+        cls,
+        *,
+        levels: int | None = None,
+        grid: tuple[int, int] | None = None,
+        target: int = HIGH_PRECISION_TARGET,
+        autocorr: Tensor | None = None,
+    ) -> SequenceTransform:
+        """Build from a site's settings (see :func:`transform_for`); a transform ignores the
+        settings it has no use for."""
+        return cls()
 
     def coefficient_length(self, length: int) -> int:
         """Number of transformed tokens produced for ``length`` input tokens."""
@@ -198,6 +236,10 @@ class Haar(SequenceTransform):
     """J-level 1D Haar DWT; output [a_J, d_J, ..., d_1]. ``levels=None`` picks J per length
     so the approximation band is about ``target`` tokens (:func:`auto_haar_levels`)."""
 
+    @classmethod
+    def from_settings(cls, *, levels=None, grid=None, target=HIGH_PRECISION_TARGET, autocorr=None):
+        return cls(levels=levels, target=target)
+
     def __init__(self, levels: int | None = None, target: int = HIGH_PRECISION_TARGET):
         _check_levels(levels)
         self.levels = levels
@@ -241,6 +283,14 @@ class Haar2D(SequenceTransform):
     Output: the LL_J band first (row-major), then (LH, HL, HH) of level J, ..., of level 1.
     H and W are zero-padded to multiples of 2**J. ``levels=None`` makes LL_J about 64 tokens.
     """
+
+    @classmethod
+    def from_settings(cls, *, levels=None, grid=None, target=HIGH_PRECISION_TARGET, autocorr=None):
+        if grid is None:
+            raise ValueError(
+                "transform 'haar2d' needs a token grid: pass options={'grid': (height, width)}"
+            )
+        return cls(grid=grid, levels=levels, target=target)
 
     def __init__(
         self,
@@ -393,6 +443,15 @@ class KLT(SequenceTransform):
     """Karhunen-Loeve transform: eigenvectors of a calibrated token autocorrelation, by
     decreasing eigenvalue. A sequence shorter than the calibration length uses the leading
     block of the autocorrelation (its own KLT); a longer one is an error."""
+
+    @classmethod
+    def from_settings(cls, *, levels=None, grid=None, target=HIGH_PRECISION_TARGET, autocorr=None):
+        if autocorr is None:
+            raise ValueError(
+                "transform 'klt' needs a calibrated plan: plan = stamp_fx.calibrate(model, "
+                "batches, transform='klt'), then options={'plan': plan}"
+            )
+        return cls(autocorr=autocorr)
 
     def __init__(self, autocorr: Tensor | None = None):
         if autocorr is None:

@@ -121,7 +121,7 @@ def tune(
     are skipped for that site. ``objective`` picks the error the solver minimises (see the
     module docstring); ``loss_fn(model, batch) -> scalar`` is the loss of ``"fisher"`` (default
     :func:`next_token_loss`). ``options`` are the backend's policy options and ``debug_dir``;
-    ``plan``, ``kernel``, ``mode`` and ``inductor`` raise (tuning builds the plan, eagerly).
+    ``plan``, ``lowering`` (``kernel``), ``mode`` and ``inductor`` raise (tuning builds the plan, eagerly).
     """
     obj = check_objective(objective)
     if not is_finite_number(avg_bits):

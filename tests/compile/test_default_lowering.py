@@ -18,7 +18,7 @@ from tests.helpers import assert_no_worse_than_eager, stamp_calls
 
 def run_default(model, inputs, config, **compile_kwargs):
     torch._dynamo.reset()
-    compiler = StampCompiler(config)  # no kernel= : the default lowering
+    compiler = StampCompiler(config)  # no lowering= : the default
     compiled = torch.compile(model, backend=compiler, **compile_kwargs)
     with torch.no_grad():
         out, codes = run_and_get_code(lambda: models.main_output(compiled(**inputs)))

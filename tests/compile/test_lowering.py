@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stamp_fx.lowering import available_lowerings, get_lowering
 from stamp_fx.lowering.decompositions import (
-    TRANSFORM_DECOMPOSITIONS,
+    decomposable_transforms,
     stamp_fake_quant_traceable,
     token_qmax,
 )
@@ -125,7 +125,7 @@ def test_haar2d_is_decomposed_with_sinks():
 
 def test_generated_code_has_no_stamp_call_and_one_cpp_kernel_per_site():
     """Every decomposable transform becomes generated C++ only; ``klt`` stays an extern call."""
-    names = sorted(set(TRANSFORM_DECOMPOSITIONS) - {"haar2d"})
+    names = sorted(set(decomposable_transforms()) - {"haar2d"})
     policies_ = [SitePolicy(transform=name, sink_tokens=1, high_tokens=8) for name in names]
     xs = [randn((2, 300, 64), i) for i in range(len(names))]
 
@@ -209,7 +209,7 @@ def test_triton_lowering_on_cpu_is_the_inductor_decomposition():
 
 def test_registry_lists_the_lowerings_and_rejects_unknown_names():
     assert {"auto", "reference", "inductor", "triton"} <= set(available_lowerings())
-    with pytest.raises(ValueError, match="valid kernels: auto, inductor, reference, triton"):
+    with pytest.raises(ValueError, match="valid lowerings: auto, inductor, reference, triton"):
         get_lowering("cuda")
     with pytest.raises(ValueError, match="decomposable"):
         stamp_fake_quant_traceable(torch.zeros(2, 4), SitePolicy(transform="klt"), 0)
@@ -217,6 +217,6 @@ def test_registry_lists_the_lowerings_and_rejects_unknown_names():
 
 def test_llama_through_the_stamp_backend_with_the_inductor_kernel():
     model, inputs = models.llama(layers=1)
-    compiler = StampCompiler(StampConfig(high_tokens=4), kernel="inductor")
+    compiler = StampCompiler(StampConfig(high_tokens=4), lowering="inductor")
     out = compile_and_run(model, inputs, compiler, fullgraph=True)
     assert_no_worse_than_eager(out, model, inputs, compiler.last.plan)

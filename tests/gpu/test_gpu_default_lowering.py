@@ -2,7 +2,7 @@
 
 * The Hadamard rotation kernel equals the reference rotation on the same GPU within one ulp
   (PyTorch's CUDA reference divides by the scalar as a reciprocal multiply; the kernel divides).
-* A model compiled with no ``kernel=`` option launches the fused Haar kernel and the rotation
+* A model compiled with no ``lowering=`` option launches the fused Haar kernel and the rotation
   kernel (and calls no ``stamp::`` op through the reference) for the configurations users run,
   and equals the eager application of its plan under the whole-model rule.
 * ``dynamic=True`` with auto Haar depth: one compile across depth brackets, the kernel picking

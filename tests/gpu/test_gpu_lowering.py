@@ -211,7 +211,7 @@ def test_llama_through_the_stamp_backend_with_the_triton_kernel():
     model, inputs = models.llama(layers=1, seq=40)
     model = model.cuda()
     inputs = {k: v.cuda() for k, v in inputs.items()}
-    compiler = StampCompiler(StampConfig(high_tokens=4), kernel="triton")
+    compiler = StampCompiler(StampConfig(high_tokens=4), lowering="triton")
     torch._dynamo.reset()
     with torch.no_grad():
         out = torch.compile(model, backend=compiler, fullgraph=True)(**inputs).logits

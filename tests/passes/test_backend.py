@@ -126,7 +126,7 @@ def _backend_error(options, mode=None):
         ({"transform": "haar2d"}, "haar2d' needs the token grid"),
         ({"overrides": {"re:.*": {"bits": 4}}}, "unknown field(s) ['bits']"),
         ({"plan": "/nonexistent/plan.json"}, "no such file"),
-        ({"kernel": "cuda"}, "kernel: unknown 'cuda'; valid kernels: "),
+        ({"lowering": "cuda"}, "lowering: unknown 'cuda'; valid lowerings: "),
     ],
 )
 def test_bad_options_raise_clear_errors(options, message):

@@ -33,11 +33,14 @@ def test_solver_fields_in_a_config_given_to_the_compiler_raise():
     assert StampCompiler(StampConfig()).config == StampConfig()  # defaults are fine
 
 
-@pytest.mark.parametrize("name", ["plan", "kernel", "mode", "inductor"])
+@pytest.mark.parametrize("name", ["plan", "lowering", "kernel", "mode", "inductor"])
 def test_calibrate_and_tune_reject_backend_options_they_cannot_honour(name):
-    value = {"plan": {"version": 1, "sites": {}}, "kernel": "reference", "mode": "default"}.get(
-        name, False
-    )
+    value = {
+        "plan": {"version": 1, "sites": {}},
+        "lowering": "reference",
+        "kernel": "reference",
+        "mode": "default",
+    }.get(name, False)
     model, inputs = models.llama(layers=1)
     match = rf"^{name}: calibrate does not accept this backend option"
     with pytest.raises(ValueError, match=match):
@@ -56,7 +59,12 @@ def test_calibrate_honours_debug_dir(tmp_path):
 
 def test_explain_rejects_kernel_mode_and_inductor_and_honours_avg_bits(capsys):
     model, inputs = models.llama(layers=1, seq=40)
-    for bad in ({"kernel": "reference"}, {"mode": "default"}, {"inductor": True}):
+    for bad in (
+        {"lowering": "reference"},
+        {"kernel": "reference"},
+        {"mode": "default"},
+        {"inductor": True},
+    ):
         (name,) = bad
         with pytest.raises(ValueError, match=rf"^{name}: explain"):
             stamp_fx.explain(model, inputs, **bad)
@@ -134,3 +142,15 @@ def test_pinned_plan_missing_one_site_warns_about_that_site():
         UserWarning, match=rf"leaves 1 of 10 site\(s\) of this graph uncovered .*: {key}$"
     ):
         compile_and_run(model, inputs, StampCompiler(inductor=False, plan=partial))
+
+
+def test_kernel_is_the_old_name_of_lowering_and_warns():
+    with pytest.warns(FutureWarning, match=r"'kernel' is now called 'lowering'"):
+        compiler = StampCompiler.from_options({"kernel": "reference"})
+    assert compiler.lowering.name == "reference" and compiler.options.lowering == "reference"
+    assert compiler.options.kernel is None
+    with pytest.warns(FutureWarning):
+        assert StampCompiler(kernel="inductor").lowering.name == "inductor"
+    assert StampCompiler.from_options({"lowering": "reference"}).lowering.name == "reference"
+    with pytest.raises(ValueError, match=r"^lowering given twice"):
+        StampCompiler.from_options({"lowering": "inductor", "kernel": "reference"})
