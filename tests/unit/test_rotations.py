@@ -112,7 +112,9 @@ def test_round_trip_and_energy_in_every_dtype(width, dtype, seed):
         blocked = feature_rotation(x, 12)
         for i in range(width // 12):
             part = x[..., 12 * i : 12 * (i + 1)]
-            assert torch.equal(blocked[..., 12 * i : 12 * (i + 1)], feature_rotation(part, 12))
+            # To rounding, not bit for bit: BLAS may pick another kernel for another row count.
+            got, want = blocked[..., 12 * i : 12 * (i + 1)].double(), feature_rotation(part, 12)
+            assert (got - want.double()).abs().max().item() <= ROUND_TRIP_RTOL[dtype] * scale * 4
 
 
 def test_random_core_is_deterministic_and_fixed():
