@@ -137,6 +137,23 @@ def method_rows(which: str, avg_paper: float) -> list[Method]:
     return rows
 
 
+def rotation_rows() -> list[Method]:
+    """``--rows rotation``: the power-of-two block rotation (``+H``, 64 of SmolLM2's 576
+    features) against the full-width one (``+Hfull``: 576 = Paley II 36 x 16, 1536 = Paley I
+    12 x 128), for A4 RTN and the paper's STaMP row."""
+    rows = [Method("FP", None)]
+    for suffix, block in ((" +H", "pow2"), (" +Hfull", "full")):
+        ft = {"feature_transform": "hadamard", "feature_block": block}
+        rows.append(Method(f"A4 RTN{suffix}", {"transform": "identity", "high_tokens": 0, **ft}))
+        rows.append(
+            Method(
+                f"STaMP haar 64@8 sinks=1{suffix}",
+                {"transform": "haar", "high_tokens": 64, "sink_tokens": 1, **ft},
+            )
+        )
+    return rows
+
+
 def needs_calibration(method: Method) -> bool:
     opts = method.options or {}
     return opts.get("transform") == "klt" or opts.get("avg_bits") is not None
@@ -235,7 +252,12 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--calib-windows", type=int, default=4)
-    parser.add_argument("--rows", choices=["quick", "core", "all"], default="core")
+    parser.add_argument(
+        "--rows",
+        choices=["quick", "core", "all", "rotation"],
+        default="core",
+        help="rotation: block (pow2) against full-width feature rotation",
+    )
     parser.add_argument("--only", default=None, help="run only rows whose name contains this text")
     parser.add_argument(
         "--slice", default=None, help="run rows START:STOP of the list (to split long runs)"
@@ -275,7 +297,7 @@ def main() -> int:
     )
 
     rows, results = [], []
-    methods = method_rows(args.rows, avg_paper)
+    methods = rotation_rows() if args.rows == "rotation" else method_rows(args.rows, avg_paper)
     if args.slice:
         start_s, _, stop_s = args.slice.partition(":")
         methods = methods[int(start_s or 0) : int(stop_s) if stop_s else None]

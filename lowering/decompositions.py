@@ -58,6 +58,7 @@ from torch import Tensor
 
 from stamp_fx.plan import SitePolicy
 from stamp_fx.quantizer import working_dtype
+from stamp_fx.rotations import feature_rotation
 from stamp_fx.transforms import TRANSFORMS, _sequency_order, block_hadamard, transform_class
 
 from .symbolic import IntLike, ceil_to, haar_levels, next_pow2_bracket, symbolic_length
@@ -70,6 +71,7 @@ __all__ = [
     "stamp_fake_quant_traceable",
     "stamp_fake_quant_decomposition",
     "hadamard_decomposition",
+    "rotate_decomposition",
     "decompositions_active",
     "token_qmax",
 ]
@@ -515,6 +517,13 @@ def hadamard_decomposition(x: Tensor, block: int) -> Tensor:
     return block_hadamard(x, int(block)).contiguous()
 
 
+def rotate_decomposition(x: Tensor, block: int, inverse: bool) -> Tensor:
+    """Decomposition of ``stamp::rotate.default``: butterflies, one small matmul by the
+    rotation's core (a constant of the graph), one scale; the reference is plain torch code, so
+    it is its own traceable twin, as for ``stamp::hadamard``."""
+    return feature_rotation(x, int(block), bool(inverse)).contiguous()
+
+
 def ensure_extern_fallback(op: torch._ops.OpOverload) -> None:
     """Give ``op`` Inductor's extern-kernel fallback up front.
 
@@ -573,6 +582,7 @@ def _decomposed_ops() -> tuple:
     return (
         (torch.ops.stamp.fake_quant.default, stamp_fake_quant_decomposition),
         (torch.ops.stamp.hadamard.default, hadamard_decomposition),
+        (torch.ops.stamp.rotate.default, rotate_decomposition),
     )
 
 
@@ -609,15 +619,16 @@ def _check_inductor_table() -> None:
 
         warnings.warn(
             "stamp: Inductor's decomposition table lacks the stamp ops' decompositions; "
-            "stamp::fake_quant and stamp::hadamard will run as extern calls to the reference",
+            "stamp::fake_quant, stamp::hadamard and stamp::rotate will run as extern calls to "
+            "the reference",
             stacklevel=3,
         )
 
 
 @contextlib.contextmanager
 def decompositions_active(active: bool = True) -> Iterator[None]:
-    """Within the block, Inductor decomposes ``stamp::fake_quant`` and ``stamp::hadamard``
-    (a compile of the ``inductor`` / ``auto`` lowerings runs inside it)."""
+    """Within the block, Inductor decomposes ``stamp::fake_quant``, ``stamp::hadamard`` and
+    ``stamp::rotate`` (a compile of the ``inductor`` / ``auto`` lowerings runs inside it)."""
     _install()
     if active:
         _check_inductor_table()

@@ -13,7 +13,9 @@ The answers, for a lowering with hand-written kernels (``auto``, the default; ``
   or, for a symbolic length under auto levels, ``stamp::haar_fake_quant_dynamic`` (an opaque
   op that picks the Haar depth per call), so a new length never recompiles;
 * ``stamp::hadamard`` on CUDA that :func:`.hadamard_kernel.eligible` takes:
-  ``stamp::hadamard_kernel``;
+  ``stamp::hadamard_kernel``; ``stamp::rotate`` (a block that is not a power of two: a Kronecker
+  Hadamard or random orthogonal the kernel cannot compute) is not decided here and always goes
+  to its decomposition;
 * anything else stays, and Inductor decomposes it (:mod:`.decompositions`; C++ on the CPU) or,
   where no decomposition applies (``klt``; a symbolic length under auto Haar levels or the WHT),
   calls the reference.

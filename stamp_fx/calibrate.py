@@ -26,7 +26,8 @@ from .allocation import SpectralBitPlan, solve_token_bits
 from .config import StampConfig
 from .plan import AllocationPlan, SitePolicy
 from .reference import clamp_sinks, transformed_tokens
-from .transforms import block_hadamard, token_autocorrelation
+from .rotations import feature_rotation
+from .transforms import token_autocorrelation
 
 __all__ = ["EnergyObserver", "run_batch"]
 
@@ -132,9 +133,9 @@ class EnergyObserver:
 def _expected_error_weight(z: Tensor, policy: SitePolicy) -> Tensor:
     """Per token (dim 0 of ``z``): ``sum over batch and groups of G * range**2 / 12``, with the
     policy's feature rotation applied first (ranges, unlike energies, depend on it)."""
-    block = policy.feature_block(z.shape[-1])
+    block = policy.rotation_block(z.shape[-1])
     if block is not None:
-        z = block_hadamard(z, block)
+        z = feature_rotation(z, block)
     group = policy.group_size or z.shape[-1]
     g = z.unflatten(-1, (-1, group))
     rng = g.amax(-1) - g.amin(-1)

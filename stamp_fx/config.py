@@ -27,7 +27,13 @@ from typing import Any
 
 from .bitwidths import MAX_BITS, MIN_BITS, is_finite_number, validate_bits
 from .quantizer import TokenBits
-from .transforms import FEATURE_TRANSFORMS, SequenceTransform, available_transforms, transform_for
+from .rotations import validate_feature_block
+from .transforms import (
+    FEATURE_TRANSFORMS,
+    SequenceTransform,
+    available_transforms,
+    transform_for,
+)
 
 __all__ = [
     "CONFIG_VERSION",
@@ -77,7 +83,13 @@ class StampConfig:
     ``"range"`` (calibrated ``G * range**2 / 12``, the expected rounding error per step)."""
     feature_transform: str = "none"
     """Rotation of the feature axis around the quantizer: ``"hadamard"`` is an online
-    (block-)Hadamard (QuaRot style; blocks of the largest power of two dividing the features)."""
+    (block-)Hadamard (QuaRot style) over blocks of ``feature_block`` features."""
+    feature_block: str | int = "pow2"
+    """Block of the feature rotation (see :mod:`stamp_fx.rotations`): ``"pow2"`` the largest
+    power of two dividing the features (64 for 576), ``"full"`` one rotation over all features
+    (a Hadamard where one is built by Kronecker products, else a seeded random orthogonal), or a
+    positive int dividing the features. Needs ``feature_transform="hadamard"`` (here or in an
+    override): alone it would change nothing, so it raises."""
     quantize_kv: bool = False
     """Also quantize keys and values along the sequence (KV4.125), once, where the KV cache
     stores them (quantize-on-write: a prefill block by the sequence rule, a decode token by
@@ -158,16 +170,34 @@ class StampConfig:
             raise ValueError(
                 f"feature_transform: unknown {self.feature_transform!r}; valid: {', '.join(FEATURE_TRANSFORMS)}"
             )
+        validate_feature_block(self.feature_block)
         if self.decode_bits is not None:
             validate_bits(self.decode_bits, "decode_bits")
         for name in ("quantize_kv", "enabled"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "overrides", _normalize_overrides(self.overrides))
+        block_set = self.feature_block != "pow2" or any(
+            spec != "skip" and "feature_block" in dict(spec) for _, spec in self.overrides
+        )
+        if block_set and not self._rotates_somewhere():
+            raise ValueError(
+                f"feature_block: {self.feature_block!r} sets the block of the feature rotation, "
+                "but no site has one: also pass feature_transform='hadamard' (or set it in an "
+                "override)"
+            )
         if self.version != CONFIG_VERSION:
             raise ValueError(
                 f"version: this stamp-fx reads config version {CONFIG_VERSION}, got {self.version!r}"
             )
+
+    def _rotates_somewhere(self) -> bool:
+        if self.feature_transform != "none":
+            return True
+        return any(
+            spec != "skip" and dict(spec).get("feature_transform", "none") != "none"
+            for _, spec in self.overrides
+        )
 
     # -- derived views ---------------------------------------------------------------------
     def token_bits(self) -> TokenBits:
@@ -246,6 +276,7 @@ class StampConfig:
 POLICY_FIELDS = (
     "transform",
     "feature_transform",
+    "feature_block",
     "levels",
     "grid",
     "high_tokens",
@@ -295,8 +326,13 @@ def _normalize_overrides(overrides: Any) -> tuple[tuple[str, Any], ...]:
             raise ValueError(
                 f"overrides[{pattern!r}]: unknown field(s) {bad}; valid fields: {', '.join(POLICY_FIELDS)} (or 'skip')"
             )
+        # Validate the spec's values alone; a block without a rotation in the spec is checked
+        # against the config's rotation by the config itself (``_rotates_somewhere``).
+        alone = {k: v for k, v in pairs if k != "sink_tokens"}
+        if "feature_block" in alone:
+            alone.setdefault("feature_transform", "hadamard")
         try:
-            StampConfig(**{k: v for k, v in pairs if k != "sink_tokens"}, sink_tokens=None)
+            StampConfig(**alone, sink_tokens=None)
         except ValueError as err:
             raise ValueError(f"overrides[{pattern!r}]: {err}") from None
         out.append((pattern, pairs))

@@ -5,7 +5,11 @@ high_bits, low_bits, band_edges, band_bits, symmetric, group_size, autocorr)`` i
 quantization of one site (see :class:`stamp_fx.plan.SitePolicy`, whose fields the arguments
 spell out with sentinels: ``levels=-1`` auto, ``grid=[]`` none, ``group_size=0`` per token,
 empty ``band_edges`` for the first-``high_tokens`` rule). A policy's feature rotation is a
-separate op, ``torch.ops.stamp.hadamard(x, block)``, placed before and after it. The fake impl returns a tensor like
+separate op placed before and after it: ``torch.ops.stamp.hadamard(x, block)`` for a
+power-of-two block (symmetric, its own inverse, the op the Triton kernel can take), or
+``torch.ops.stamp.rotate(x, block, inverse)`` for any other block (:mod:`stamp_fx.rotations`:
+a Kronecker Hadamard or a seeded random orthogonal; not symmetric, so the second one is the
+transpose). The fake impl returns a tensor like
 ``x`` (contiguous; so Dynamo and Inductor never graph-break and symbolic sequence lengths stay symbolic);
 the real impl is :meth:`SitePolicy.apply`, i.e. ``reference.py``. Gradients pass straight through
 (the straight-through estimator), so the op also works under autograd.
@@ -27,12 +31,14 @@ from torch import Tensor
 
 from .allocation import SpectralBitPlan
 from .plan import SitePolicy
+from .rotations import feature_rotation
 from .transforms import block_hadamard
 
 __all__ = [
     "fake_quant_op",
     "fake_quant_masked_op",
     "hadamard_op",
+    "rotate_op",
     "masked_apply",
     "op_args",
     "policy_from_op_args",
@@ -219,3 +225,27 @@ def _hadamard_setup(ctx, inputs, output) -> None:
 
 
 hadamard_op.register_autograd(_hadamard_backward, setup_context=_hadamard_setup)
+
+
+@torch.library.custom_op("stamp::rotate", mutates_args=())
+def rotate_op(x: Tensor, block: int, inverse: bool) -> Tensor:
+    """Orthonormal rotation ``x @ (I ⊗ R_block)`` of the feature (last) dim, ``R_blockᵀ`` with
+    ``inverse`` (:func:`stamp_fx.rotations.feature_rotation`, any block dividing the features)."""
+    return feature_rotation(x, block, inverse).contiguous()
+
+
+@rotate_op.register_fake
+def _(x, block, inverse):
+    return x.new_empty(x.shape)
+
+
+def _rotate_backward(ctx, grad):
+    # Orthonormal: the adjoint of x -> x R is g -> g Rᵀ, the op with ``inverse`` flipped.
+    return rotate_op(grad, ctx.block, not ctx.inverse), None, None
+
+
+def _rotate_setup(ctx, inputs, output) -> None:
+    ctx.block, ctx.inverse = inputs[1], inputs[2]
+
+
+rotate_op.register_autograd(_rotate_backward, setup_context=_rotate_setup)

@@ -25,10 +25,9 @@ from .allocation import SpectralBitPlan
 from .config import StampConfig
 from .quantizer import TokenBits, validate_bits
 from .reference import clamp_sinks, stamp_fake_quant_ref
+from .rotations import feature_rotation, resolve_block, validate_feature_block
 from .transforms import (
     SequenceTransform,
-    block_hadamard,
-    feature_block_size,
     make_transform,
     transform_for,
 )
@@ -78,6 +77,8 @@ class SitePolicy:
 
     transform: str = "haar"
     feature_transform: str = "none"
+    feature_block: str | int = "pow2"
+    """Block of the feature rotation (``StampConfig.feature_block``)."""
     levels: int | None = None
     grid: tuple[int, int] | None = None
     sink_tokens: int = 0
@@ -91,7 +92,9 @@ class SitePolicy:
     """Key of the KLT token autocorrelation in the plan's tensors (transform 'klt' only)."""
 
     def __post_init__(self) -> None:
-        # Reuse StampConfig's validation for the fields the two share.
+        # Reuse StampConfig's validation for the fields the two share. feature_block alone: an
+        # override may turn a site's rotation off and leave the config's block behind.
+        validate_feature_block(self.feature_block)
         StampConfig(
             transform=self.transform,
             feature_transform=self.feature_transform,
@@ -114,6 +117,7 @@ class SitePolicy:
         return cls(
             transform=config.transform,
             feature_transform=config.feature_transform,
+            feature_block=config.feature_block,
             levels=config.levels,
             grid=grid or config.grid,
             sink_tokens=sink_tokens,
@@ -152,19 +156,22 @@ class SitePolicy:
         coeffs = transform.coefficient_length(length - sinks) if length > sinks else 0
         return self.quantized_bits(sinks + coeffs, sinks)
 
-    def feature_block(self, features: int) -> int | None:
-        """Block size of the feature rotation for ``features`` channels (None: no rotation)."""
-        return feature_block_size(features) if self.feature_transform == "hadamard" else None
+    def rotation_block(self, features: int) -> int | None:
+        """Block of the feature rotation for ``features`` channels (None: no rotation); raises
+        ``ValueError`` when an int ``feature_block`` does not divide them."""
+        if self.feature_transform != "hadamard":
+            return None
+        return resolve_block(self.feature_block, features)
 
     def apply(self, x: Tensor, seq_dim: int, tensors: Mapping[str, Tensor] | None = None) -> Tensor:
         """The reference STaMP fake quantization of ``x`` under this policy: with a feature
-        rotation ``R`` (its own inverse), ``R(stamp(R(x)))``, each step rounded to x's dtype
-        exactly like the compiled ``stamp::hadamard`` / ``stamp::fake_quant`` sequence."""
-        block = self.feature_block(x.shape[-1])
+        rotation ``R``, ``stamp(x R) Rᵀ``, each step rounded to x's dtype exactly like the
+        compiled ``stamp::hadamard`` (or ``stamp::rotate``) / ``stamp::fake_quant`` sequence."""
+        block = self.rotation_block(x.shape[-1])
         if block is None:
             return self.apply_sequence(x, seq_dim, tensors)
-        rotated = block_hadamard(x, block)
-        return block_hadamard(self.apply_sequence(rotated, seq_dim, tensors), block)
+        rotated = feature_rotation(x, block)
+        return feature_rotation(self.apply_sequence(rotated, seq_dim, tensors), block, True)
 
     def apply_sequence(
         self, x: Tensor, seq_dim: int, tensors: Mapping[str, Tensor] | None = None
@@ -198,7 +205,10 @@ class SitePolicy:
                 + "]"
             )
         extra = f" sinks={self.sink_tokens}" if self.sink_tokens else ""
-        extra += " +hadamard" if self.feature_transform == "hadamard" else ""
+        if self.feature_transform == "hadamard":
+            extra += " +hadamard" + (
+                "" if self.feature_block == "pow2" else f"({self.feature_block})"
+            )
         extra += " sym" if self.symmetric else ""
         extra += f" g={self.group_size}" if self.group_size else ""
         return f"{xf} bits={bits}{extra}"

@@ -63,6 +63,7 @@ def decode_policy(config: StampConfig) -> SitePolicy:
     return SitePolicy(
         transform="identity",
         feature_transform=config.feature_transform,
+        feature_block=config.feature_block,
         sink_tokens=0,
         high_tokens=0,
         high_bits=max(bits, config.high_bits),
@@ -121,6 +122,11 @@ def site_conflict(site: Site, policy: SitePolicy) -> str | None:
             f"feature_transform {policy.feature_transform!r} needs a static feature dim "
             "(it is symbolic)"
         )
+    if features is not None:
+        try:
+            policy.rotation_block(features)
+        except ValueError as err:
+            return str(err)
     if policy.transform == "haar2d" and policy.grid is not None:
         length = _static_length(site)
         if length is not None and length != policy.grid[0] * policy.grid[1]:

@@ -9,7 +9,11 @@ import torch
 from stamp_fx import StampCompiler, apply_plan_eager
 from tests.models import main_output
 
-REFERENCE_OPS = ("torch.ops.stamp.fake_quant", "torch.ops.stamp.hadamard.")
+REFERENCE_OPS = (
+    "torch.ops.stamp.fake_quant",
+    "torch.ops.stamp.hadamard.",
+    "torch.ops.stamp.rotate.",
+)
 """Prefixes of the reference ``stamp::`` ops in generated code (not the hand-written kernels'
 ``stamp::haar_fake_quant`` / ``stamp::hadamard_kernel``)."""
 
@@ -91,8 +95,8 @@ def config_plan(model, config, *, causal: bool, cross: tuple[str, ...] = ()):
             policy = SitePolicy(
                 transform="identity", sink_tokens=0, high_tokens=config.high_tokens,
                 high_bits=config.high_bits, low_bits=config.low_bits,
-                feature_transform=config.feature_transform, symmetric=config.symmetric,
-                group_size=config.group_size,
+                feature_transform=config.feature_transform, feature_block=config.feature_block,
+                symmetric=config.symmetric, group_size=config.group_size,
             )  # fmt: skip
         sites[f"{fqn}:in"] = policy
     return AllocationPlan(sites=sites)

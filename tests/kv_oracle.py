@@ -29,8 +29,8 @@ def decode_rule(config: StampConfig) -> SitePolicy:
     bits = config.high_bits if config.decode_bits is None else config.decode_bits
     return SitePolicy(
         transform="identity", sink_tokens=0, high_tokens=0, high_bits=max(bits, config.high_bits),
-        low_bits=bits, feature_transform=config.feature_transform, symmetric=config.symmetric,
-        group_size=config.group_size,
+        low_bits=bits, feature_transform=config.feature_transform,
+        feature_block=config.feature_block, symmetric=config.symmetric, group_size=config.group_size,
     )  # fmt: skip
 
 

@@ -57,6 +57,11 @@ ROTATION_GPU_ULPS = 1
 # either way; the kernel's exact division is no less accurate than the reciprocal multiply).
 ROTATION_ERROR_RATIO = 1.01
 
+# Full-width rotations (stamp_fx/rotations.py) in float64: R Rᵀ - I, and |R| - 1/sqrt(D) for a
+# Hadamard, within this many float64 epsilons per feature (each entry of R Rᵀ sums D products;
+# measured well under 0.1 eps per feature up to D = 2048).
+ROTATION_ORTHO_EPS_PER_FEATURE = 2
+
 # Two float32 computations of one quantity that differ only in the order of their operations:
 # the graph run without Inductor (observer / FX) against the eager hook oracle
 # (reference.apply_plan_eager), or ``x @ M`` against the module's own matmul.

@@ -32,11 +32,13 @@ from .context import PassContext, StampMeta
 STAMP_OP = torch.ops.stamp.fake_quant.default
 MASKED_OP = torch.ops.stamp.fake_quant_masked.default
 HADAMARD_OP = torch.ops.stamp.hadamard.default
+ROTATE_OP = torch.ops.stamp.rotate.default
 
 
 def _is_stamp(node: object) -> bool:
     return isinstance(node, fx.Node) and (
-        node.target in (STAMP_OP, MASKED_OP, HADAMARD_OP) or node.meta.get("stamp_observer", False)
+        node.target in (STAMP_OP, MASKED_OP, HADAMARD_OP, ROTATE_OP)
+        or node.meta.get("stamp_observer", False)
     )
 
 
@@ -63,7 +65,7 @@ def _insert_quantizer(gm, origin, policy, seq_dim, features, autocorr, mask=None
     """``fake_quant(origin)``, or ``hadamard(fake_quant(hadamard(origin)))`` with a feature
     rotation, inserted right after ``origin``; returns the new nodes, the replacement last.
     With a padding ``mask`` the quantizer is ``fake_quant_masked(x, mask, ...)``."""
-    block = policy.feature_block(features) if features else None
+    block = policy.rotation_block(features) if features else None
     if policy.feature_transform != "none" and block is None:
         raise ValueError(
             f"feature_transform {policy.feature_transform!r} needs a static feature dim"
@@ -75,12 +77,20 @@ def _insert_quantizer(gm, origin, policy, seq_dim, features, autocorr, mask=None
     else:
         steps = [(MASKED_OP, (mask, *op_args(policy, seq_dim), autocorr))]
     if block is not None:
-        steps = [(HADAMARD_OP, (block,)), *steps, (HADAMARD_OP, (block,))]
+        steps = [*_rotation_step(block, False), *steps, *_rotation_step(block, True)]
     for target, args in steps:
         with gm.graph.inserting_after(current):
             current = gm.graph.call_function(target, (current, *args))
         nodes.append(current)
     return nodes
+
+
+def _rotation_step(block: int, inverse: bool) -> list[tuple]:
+    """A power-of-two block keeps ``stamp::hadamard`` (symmetric, and the op the Triton kernel
+    takes); any other block is ``stamp::rotate``, whose second application is the transpose."""
+    if block & (block - 1) == 0:
+        return [(HADAMARD_OP, (block,))]
+    return [(ROTATE_OP, (block, inverse))]
 
 
 def _fake_like(fn, *tensors):
