@@ -288,7 +288,8 @@ class Haar2D(SequenceTransform):
     def from_settings(cls, *, levels=None, grid=None, target=HIGH_PRECISION_TARGET, autocorr=None):
         if grid is None:
             raise ValueError(
-                "transform 'haar2d' needs a token grid: pass options={'grid': (height, width)}"
+                "transform 'haar2d' needs grid=(height, width) of the token grid: pass "
+                "options={'grid': (height, width)}"
             )
         return cls(grid=grid, levels=levels, target=target)
 
