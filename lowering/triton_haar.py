@@ -82,6 +82,7 @@ from torch.library import triton_op, wrap_triton
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from stamp_fx.bitwidths import validate_bits
+from stamp_fx.ops import per_real_row
 from stamp_fx.plan import SitePolicy
 
 from . import haar_rows
@@ -707,22 +708,11 @@ def haar_fake_quant_masked_op(
     on the kernel. ``x`` is ``[B, ..., S, D]`` (batch first, sequence on dim -2), ``mask``
     ``[B, S]``. A batch without padding is one kernel call; a padded one, one per row (the
     depth decided per call, as :func:`haar_fake_quant_dynamic_op` does)."""
-    if mask.ndim != 2 or tuple(mask.shape) != (x.shape[0], x.shape[-2]):
-        raise ValueError(
-            f"stamp::haar_fake_quant_masked: attention_mask must be [batch, seq] = "
-            f"{(x.shape[0], x.shape[-2])}, got {tuple(mask.shape)}"
-        )
     args = (levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric)
-    real = mask != 0
-    if bool(real.all()):
-        return haar_fake_quant_dynamic_op(x, *args)
-    out = x.clone(memory_format=torch.contiguous_format)
-    for b in range(x.shape[0]):
-        index = real[b].nonzero().squeeze(1).to(x.device)
-        if index.numel():
-            row = x[b : b + 1].index_select(-2, index)
-            out[b : b + 1].index_copy_(-2, index, haar_fake_quant_dynamic_op(row, *args))
-    return out
+    return per_real_row(
+        x, mask, -2, lambda rows: haar_fake_quant_dynamic_op(rows, *args),
+        "stamp::haar_fake_quant_masked",
+    )  # fmt: skip
 
 
 @haar_fake_quant_masked_op.register_fake

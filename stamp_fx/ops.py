@@ -26,6 +26,8 @@ Inductor calls this reference implementation for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -40,6 +42,7 @@ __all__ = [
     "hadamard_op",
     "rotate_op",
     "masked_apply",
+    "per_real_row",
     "op_args",
     "policy_from_op_args",
 ]
@@ -143,27 +146,40 @@ def _straight_through(ctx, grad):
 fake_quant_op.register_autograd(_straight_through, setup_context=_setup_context)
 
 
-def masked_apply(policy: SitePolicy, x: Tensor, mask: Tensor, seq_dim: int, tensors=None) -> Tensor:
-    """``policy.apply_sequence`` on each batch row's real tokens (``mask[b] != 0``) as a
-    sequence of their own; pad positions are returned unchanged. ``x`` is ``[B, ..., S, ..., D]``
-    with the batch first and ``mask`` is ``[B, S]``."""
+def per_real_row(
+    x: Tensor, mask: Tensor, seq_dim: int, quantize: Callable[[Tensor], Tensor], op: str
+) -> Tensor:
+    """``quantize`` (a sequence fake quant along ``seq_dim``) on each batch row's real tokens
+    (``mask[b] != 0``) as a sequence of their own; pad positions are returned unchanged. A
+    batch without padding is one call. ``x`` is ``[B, ..., S, ..., D]`` with the batch first,
+    ``mask`` is ``[B, S]``; ``op`` names the caller in the shape error. Both masked ops (the
+    reference and the Haar kernel's) gather and scatter through this one function."""
     seq_dim = seq_dim % x.ndim
     if seq_dim == 0 or mask.ndim != 2 or tuple(mask.shape) != (x.shape[0], x.shape[seq_dim]):
         raise ValueError(
-            f"stamp::fake_quant_masked: attention_mask must be [batch, seq] = "
+            f"{op}: attention_mask must be [batch, seq] = "
             f"{(x.shape[0], x.shape[seq_dim])}, got {tuple(mask.shape)}"
         )
     real = mask != 0
     if bool(real.all()):
-        return policy.apply_sequence(x, seq_dim, tensors).contiguous()
+        return quantize(x).contiguous()
     out = x.clone(memory_format=torch.contiguous_format)
     for b in range(x.shape[0]):
         index = real[b].nonzero().squeeze(1).to(x.device)
         if index.numel() == 0:
             continue
         row = x[b : b + 1].index_select(seq_dim, index)
-        out[b : b + 1].index_copy_(seq_dim, index, policy.apply_sequence(row, seq_dim, tensors))
+        out[b : b + 1].index_copy_(seq_dim, index, quantize(row))
     return out
+
+
+def masked_apply(policy: SitePolicy, x: Tensor, mask: Tensor, seq_dim: int, tensors=None) -> Tensor:
+    """``policy.apply_sequence`` on each batch row's real tokens (``mask[b] != 0``) as a
+    sequence of their own; pad positions are returned unchanged (:func:`per_real_row`)."""
+    return per_real_row(
+        x, mask, seq_dim, lambda rows: policy.apply_sequence(rows, seq_dim, tensors),
+        "stamp::fake_quant_masked",
+    )  # fmt: skip
 
 
 @torch.library.custom_op("stamp::fake_quant_masked", mutates_args=())
