@@ -575,7 +575,6 @@ def _install() -> None:
     for op, fn in _decomposed_ops():
         ensure_extern_fallback(op)
         decompositions[op] = _when_active(fn)
-    _refresh_inductor_table()
 
 
 def _decomposed_ops() -> tuple:
@@ -605,9 +604,10 @@ def _refresh_inductor_table() -> None:
 
 
 def _check_inductor_table() -> None:
-    """Our entries are in the table Inductor will use (rebuilt once if a stale copy was made
-    after :func:`_install`, e.g. by code that cleared ``decompositions`` and re-filled it), or a
-    warning says that the stamp ops will run as extern reference calls."""
+    """Our entries are in the table Inductor will use: the memoised copy is rebuilt when it
+    lacks them (one made before :func:`_install`, see :func:`_refresh_inductor_table`), or a
+    warning says that the stamp ops will run as extern reference calls. Run at every
+    activation, so a copy memoised at any time is caught."""
     from torch._inductor.decomposition import select_decomp_table
 
     ops = [op for op, _ in _decomposed_ops()]
