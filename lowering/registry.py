@@ -87,10 +87,14 @@ class Lowering:
     def apply_choices(self, gm) -> dict[str, int]:
         """Swap every ``stamp::`` node of ``gm`` for the op :meth:`choose` picks; returns how
         many nodes each label got. Swapped nodes keep their meta, with ``meta["stamp_kernel"]``
-        set to the label."""
+        set to the label. Nodes that already carry a label were decided (the backend's
+        ``select_kernels`` pass runs before :meth:`compile_fx`, which applies the choices again
+        for graphs built by hand) and are left alone, so a graph is decided once."""
         counts: dict[str, int] = {}
         graph = gm.graph
         for node in list(graph.nodes):
+            if "stamp_kernel" in node.meta:
+                continue
             choice = self.choose(node)
             if choice is None:
                 continue
