@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from .fx_values import example_tensor as _example
 from .kv_cache import CacheWrite, find_cache_write
 
 __all__ = [
@@ -169,14 +170,6 @@ class AttentionCore:
 
 
 # -- small graph helpers --------------------------------------------------------------------
-
-
-def _example(node: object) -> torch.Tensor | None:
-    if isinstance(node, fx.Node):
-        v = node.meta.get("example_value", node.meta.get("val"))
-        if isinstance(v, torch.Tensor):
-            return v
-    return None
 
 
 def _shape_str(t: torch.Tensor | None) -> tuple[str, ...]:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from .fx_values import example_tensor
+
 __all__ = ["CacheWrite", "find_cache_write"]
 
 _CAT = {torch.cat, torch.concat, torch.concatenate}
@@ -50,14 +52,6 @@ class CacheWrite:
     new: fx.Node
     write: fx.Node
     kind: str
-
-
-def _value(node: object) -> torch.Tensor | None:
-    if isinstance(node, fx.Node):
-        v = node.meta.get("example_value", node.meta.get("val"))
-        if isinstance(v, torch.Tensor):
-            return v
-    return None
 
 
 def _is_read_op(node: fx.Node) -> bool:
@@ -88,7 +82,7 @@ def _cat_write(node: fx.Node) -> CacheWrite | None:
     if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not _seq_axis(dim):
         return None
     past, new = parts
-    t = _value(new)
+    t = example_tensor(new)
     if not _is_cache_tensor(past) or t is None or t.ndim != 4:
         return None
     return CacheWrite(new, node, "cat")
@@ -121,7 +115,9 @@ def _copy_write(buffer: fx.Node, reader: fx.Node) -> CacheWrite | None:
         source = _copy_source(user, buffer)
         if source is not None and order[user] < order[reader]:
             writes.append(CacheWrite(source, user, "copy"))
-    if len(writes) != 1 or (_value(writes[0].new) is None or _value(writes[0].new).ndim != 4):
+    if len(writes) != 1 or (
+        example_tensor(writes[0].new) is None or example_tensor(writes[0].new).ndim != 4
+    ):
         return None
     return writes[0]
 
