@@ -86,6 +86,91 @@ def _inverse(z, M: tl.constexpr, C: tl.constexpr, EXACT: tl.constexpr):
 
 
 @triton.jit
+def _forward2d(x, A: tl.constexpr, C: tl.constexpr, EXACT: tl.constexpr):
+    """A row-major ``A x A`` grid tile (``[A * A, C]`` rows ``i * A + j``) -> its 2-D Haar
+    coefficients ``[LL, LH, HL, HH]`` (each band row-major, the head recursively the same
+    layout): the reference's ``Haar2D`` butterflies, in its order (rows paired first, then
+    the columns of each half)."""
+    if A == 1:
+        return x
+    else:
+        H: tl.constexpr = A // 2
+        even, odd = tl.split(tl.permute(tl.reshape(x, [H, 2, A, C]), (0, 2, 3, 1)))
+        low = _by_inv_sqrt2(even + odd, EXACT)
+        high = _by_inv_sqrt2(even - odd, EXACT)
+        le, lo = tl.split(tl.permute(tl.reshape(low, [H, H, 2, C]), (0, 1, 3, 2)))
+        he, ho = tl.split(tl.permute(tl.reshape(high, [H, H, 2, C]), (0, 1, 3, 2)))
+        ll = _by_inv_sqrt2(le + lo, EXACT)
+        lh = _by_inv_sqrt2(le - lo, EXACT)
+        hl = _by_inv_sqrt2(he + ho, EXACT)
+        hh = _by_inv_sqrt2(he - ho, EXACT)
+        N: tl.constexpr = H * H
+        head = _forward2d(tl.reshape(ll, [N, C]), H, C, EXACT)
+        bands = tl.join(
+            tl.join(head, tl.reshape(lh, [N, C])),
+            tl.join(tl.reshape(hl, [N, C]), tl.reshape(hh, [N, C])),
+        )  # [N, C, band % 2, band // 2]
+        return tl.reshape(tl.permute(bands, (3, 2, 0, 1)), [A * A, C])
+
+
+@triton.jit
+def _inverse2d(z, A: tl.constexpr, C: tl.constexpr, EXACT: tl.constexpr):
+    """Inverse of :func:`_forward2d` (the reference's merges: columns, then rows)."""
+    if A == 1:
+        return z
+    else:
+        H: tl.constexpr = A // 2
+        N: tl.constexpr = H * H
+        first, second = tl.split(tl.permute(tl.reshape(z, [2, 2, N, C]), (2, 3, 1, 0)))
+        head, lh = tl.split(first)
+        hl, hh = tl.split(second)
+        ll = tl.reshape(_inverse2d(head, H, C, EXACT), [H, H, C])
+        lh = tl.reshape(lh, [H, H, C])
+        hl = tl.reshape(hl, [H, H, C])
+        hh = tl.reshape(hh, [H, H, C])
+        low = tl.join(_by_inv_sqrt2(ll + lh, EXACT), _by_inv_sqrt2(ll - lh, EXACT))
+        high = tl.join(_by_inv_sqrt2(hl + hh, EXACT), _by_inv_sqrt2(hl - hh, EXACT))
+        low = tl.reshape(tl.permute(low, (0, 1, 3, 2)), [H, A, C])
+        high = tl.reshape(tl.permute(high, (0, 1, 3, 2)), [H, A, C])
+        rows = tl.join(_by_inv_sqrt2(low + high, EXACT), _by_inv_sqrt2(low - high, EXACT))
+        return tl.reshape(tl.permute(rows, (0, 3, 1, 2)), [A * A, C])
+
+
+@triton.jit
+def _grid_positions(t, sinks, n, sink_tiles, LEVELS: tl.constexpr, GRID_W: tl.constexpr):
+    """:func:`~.triton_common._tile_positions` for a 2-D tile (``GRID_W > 0``): row ``p`` of
+    the ``[LL, LH, HL, HH]`` layout of :func:`_forward2d` is, for ``4**l <= p < 4**(l+1)``,
+    entry ``(a, b)`` of band ``(p - 4**l) // 4**l`` of the level ``l`` steps below the
+    coarsest; the reference's sequence is ``[sinks, LL_J, (LH, HL, HH)_J, ..., (..)_1]``,
+    each band row-major over the padded grid (``bh x bw`` tiles, ``bh * 2**l`` rows)."""
+    R: tl.constexpr = 1 << LEVELS
+    if GRID_W == 0:
+        return _tile_positions(t, sinks, n, sink_tiles, LEVELS, False)
+    i = tl.arange(0, R)
+    if t < sink_tiles:
+        pos = t * R + i
+        return pos, pos < sinks
+    T: tl.constexpr = 1 << (LEVELS // 2)
+    bw: tl.constexpr = (GRID_W + T - 1) // T
+    bh = n // (R * bw)
+    g = t - sink_tiles
+    ty = g // bw
+    tx = g % bw
+    pos = sinks + ty * bw + tx + i * 0  # LL
+    for lv in tl.static_range(0, LEVELS // 2):
+        size = 1 << (2 * lv)  # rows of one band of this level in the tile
+        side = 1 << lv
+        q = i - size
+        in_level = (i >= size) & (i < 4 * size)
+        band = q // size
+        a = (q % size) // side
+        b = q % side
+        at = bh * bw * size * (1 + band) + (ty * side + a) * (bw * side) + tx * side + b
+        pos = tl.where(in_level, sinks + at, pos)
+    return pos, pos < sinks + n
+
+
+@triton.jit
 def _load_params(at, s, EXACT: tl.constexpr):
     """Offset, scale and reciprocal scale from the float4 records at ``at``, in sub-block
     ``s``. Compiled: one 16-byte load per row, re-issued in every sub-block (from L1) rather
@@ -120,27 +205,33 @@ def _store_params(param_ptr, slot, offset, scale, inv):
 def _fold_params(
     part_ptr, param_ptr, tile, t, chunks, coeffs, sinks, n, sink_tiles,
     high_tokens, qmax_high, qmax_low, LEVELS: tl.constexpr, SYMMETRIC: tl.constexpr,
+    GRID_W: tl.constexpr,
 ):  # fmt: skip
     """Fold the ``chunks`` partial ranges of tile ``tile``'s rows and write their parameters
     (in a fresh 1-D layout: the divisions run once per row, not once per thread)."""
     R: tl.constexpr = 1 << LEVELS
     slot = tile * R + tl.arange(0, R)
     hi, lo = _fold_ranges(part_ptr, slot, chunks, coeffs, SYMMETRIC)
-    pos, _ = _tile_positions(t, sinks, n, sink_tiles, LEVELS, False)
+    pos, _ = _grid_positions(t, sinks, n, sink_tiles, LEVELS, GRID_W)
     offset, scale, inv = _quantizer_params(hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC)
     _store_params(param_ptr, slot, offset, scale, inv)
 
 
 @triton.jit
 def _block_mask(
-    s, tokens_here, first_col, feats, D: tl.constexpr, R: tl.constexpr, SUB: tl.constexpr,
-    COL_MASK: tl.constexpr,
+    s, tokens_here, cols_here, first_col, feats, D: tl.constexpr, R: tl.constexpr,
+    SUB: tl.constexpr, COL_MASK: tl.constexpr, SIDE: tl.constexpr,
 ):  # fmt: skip
-    """Which elements of sub-block ``s`` (``[SUB / V, R, V]``) exist: tokens before the end,
+    """Which elements of sub-block ``s`` (``[SUB / V, R, V]``) exist: tokens before the end
+    (a 2-D tile, ``SIDE > 0``: grid rows ``< tokens_here`` and columns ``< cols_here``),
     features before ``D``. The row bound is recomputed per sub-block on purpose: a
     loop-invariant one makes ptxas keep R predicates live in registers."""
     r = tl.arange(0, R)
-    ok = (r < tl.minimum(tokens_here, R + s))[None, :, None]
+    if SIDE > 0:
+        inside = ((r // SIDE) < tokens_here) & ((r % SIDE) < tl.minimum(cols_here, SIDE + s))
+        ok = inside[None, :, None]
+    else:
+        ok = (r < tl.minimum(tokens_here, R + s))[None, :, None]
     if COL_MASK:
         ok = ok & (first_col + s * SUB + feats < D)
     return ok
@@ -148,25 +239,33 @@ def _block_mask(
 
 @triton.jit
 def _load_block(
-    x_base, row_off, s, tokens_here, first_col, feats, D: tl.constexpr, R: tl.constexpr,
-    SUB: tl.constexpr, ROW_MASK: tl.constexpr, COL_MASK: tl.constexpr,
+    x_base, row_off, s, tokens_here, cols_here, first_col, feats, D: tl.constexpr,
+    R: tl.constexpr, SUB: tl.constexpr, ROW_MASK: tl.constexpr, COL_MASK: tl.constexpr,
+    SIDE: tl.constexpr,
 ):  # fmt: skip
     """Sub-block ``s`` of the program's slab, ``[SUB / V, R, V]`` in the input dtype; missing
     tokens and features read as zeros."""
     if ROW_MASK or COL_MASK:
-        ok = _block_mask(s, tokens_here, first_col, feats, D, R, SUB, COL_MASK)
+        ok = _block_mask(s, tokens_here, cols_here, first_col, feats, D, R, SUB, COL_MASK, SIDE)
         return tl.load(x_base + s * SUB + row_off, mask=ok, other=0.0)
     else:
         return tl.load(x_base + s * SUB + row_off)
 
 
 @triton.jit
-def _coefficients(x, R: tl.constexpr, SUB: tl.constexpr, HAAR: tl.constexpr, EXACT: tl.constexpr):
+def _coefficients(
+    x, R: tl.constexpr, SUB: tl.constexpr, HAAR: tl.constexpr, EXACT: tl.constexpr,
+    SIDE: tl.constexpr,
+):  # fmt: skip
     """A loaded ``[SUB / V, R, V]`` block as float32 ``[R, SUB]`` rows, transformed when
-    ``HAAR`` (missing tokens were read as zeros, as the reference pads)."""
+    ``HAAR`` (2-D when ``SIDE > 0``; missing tokens were read as zeros, as the reference
+    pads)."""
     z = tl.reshape(tl.permute(x.to(tl.float32), (1, 0, 2)), [R, SUB])
     if HAAR:
-        z = _forward(z, R, SUB, EXACT)
+        if SIDE > 0:  # noqa: SIM108 (constexpr branches: each traces one call)
+            z = _forward2d(z, SIDE, SUB, EXACT)
+        else:
+            z = _forward(z, R, SUB, EXACT)
     return z
 
 
@@ -177,10 +276,12 @@ def _tile_body(
     high_tokens, qmax_high, qmax_low,
     D: tl.constexpr, LEVELS: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr,
     SUBS: tl.constexpr, SYMMETRIC: tl.constexpr, MODE: tl.constexpr, PROBE: tl.constexpr,
-    EXACT: tl.constexpr, HAAR: tl.constexpr, ROW_MASK: tl.constexpr,
+    EXACT: tl.constexpr, GRID_W: tl.constexpr, HAAR: tl.constexpr, ROW_MASK: tl.constexpr,
 ):  # fmt: skip
     """One program's work on one tile (see the module docstring). ``HAAR``: transform (not a
-    sink tile); ``ROW_MASK``: the tile has tokens past the end (sink tile, last tile)."""
+    sink tile); ``ROW_MASK``: the tile has tokens past the end (sink tile, last tile, a grid
+    tile over the grid's edge); ``GRID_W > 0``: the tile is a square of the ``GRID_W``-wide
+    token grid (haar2d)."""
     R: tl.constexpr = 1 << LEVELS
     CB: tl.constexpr = SUB * SUBS
     EVEN_D: tl.constexpr = D % SUB == 0
@@ -188,12 +289,25 @@ def _tile_body(
     MASKED: tl.constexpr = ROW_MASK or COL_MASK
     coeffs = rows * tiles_per_row * R
     r = tl.arange(0, R)
-    if HAAR:
+    # A grid tile is SIDE x SIDE tokens of the grid; SIDE = 0: R consecutive tokens.
+    SIDE: tl.constexpr = (1 << (LEVELS // 2)) if (HAAR and GRID_W > 0) else 0
+    cols_here = 0
+    if SIDE > 0:
+        tiles_w: tl.constexpr = (GRID_W + SIDE - 1) // SIDE
+        ty = (t - sink_tiles) // tiles_w
+        tx = (t - sink_tiles) % tiles_w
+        tok0 = sinks + ty * SIDE * GRID_W + tx * SIDE
+        tokens_here = (S - sinks) // GRID_W - ty * SIDE  # grid rows left
+        cols_here = GRID_W - tx * SIDE
+        row_off = (((r // SIDE) * GRID_W + r % SIDE) * D)[None, :, None]
+    elif HAAR:
         tok0 = sinks + (t - sink_tiles) * R
         tokens_here = S - tok0
+        row_off = (r * D)[None, :, None]
     else:
         tok0 = t * R
         tokens_here = sinks - tok0
+        row_off = (r * D)[None, :, None]
     # With one feature per thread, hide the columns' contiguity (a runtime factor of 1) from
     # the coalescing pass, which would otherwise give a thread 8 adjacent features and spread
     # the tokens over the lanes.
@@ -202,22 +316,23 @@ def _tile_body(
     first_col = chunk * CB
     x_base = x_ptr + row * stride_xb + tok0 * D + first_col + feats
     o_base = out_ptr + row * stride_ob + tok0 * D + first_col + feats
-    row_off = (r * D)[None, :, None]
     # (not tl.cdiv: a triton.language.standard helper; see triton_common's docstring)
     subs = tl.minimum(SUBS, (D - first_col + SUB - 1) // SUB)
     slot = tile * R + r
-    block = (tokens_here, first_col, feats)
+    block = (tokens_here, cols_here, first_col, feats)
 
     if MODE != _MODE_APPLY:
         hi_acc = tl.full([R, SUB // V], -float("inf"), tl.float32)
         lo_acc = tl.full([R, SUB // V], float("inf"), tl.float32)
-        x = _load_block(x_base, row_off, 0, *block, D, R, SUB, ROW_MASK, COL_MASK)
+        x = _load_block(x_base, row_off, 0, *block, D, R, SUB, ROW_MASK, COL_MASK, SIDE)
         for s in range(subs):
             # Prefetch the next sub-block (the last iteration re-reads its own, from L1) so
             # its loads are in flight while this one is computed.
             ahead = tl.minimum(s + 1, subs - 1)
-            x_next = _load_block(x_base, row_off, ahead, *block, D, R, SUB, ROW_MASK, COL_MASK)
-            z = tl.reshape(_coefficients(x, R, SUB, HAAR, EXACT), [R, SUB // V, V])
+            x_next = _load_block(
+                x_base, row_off, ahead, *block, D, R, SUB, ROW_MASK, COL_MASK, SIDE
+            )
+            z = tl.reshape(_coefficients(x, R, SUB, HAAR, EXACT, SIDE), [R, SUB // V, V])
             if SYMMETRIC:
                 z = tl.abs(z)
             if COL_MASK:
@@ -231,7 +346,7 @@ def _tile_body(
         hi = tl.reduce(hi_acc, 1, _maximum)
         lo = tl.reduce(lo_acc, 1, _minimum)
         if MODE == _MODE_LOCAL:
-            pos, _ = _tile_positions(t, sinks, n, sink_tiles, LEVELS, False)
+            pos, _ = _grid_positions(t, sinks, n, sink_tiles, LEVELS, GRID_W)
             offset, scale, inv = _quantizer_params(
                 hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC
             )
@@ -250,7 +365,7 @@ def _tile_body(
                 if arrived == chunks:
                     _fold_params(
                         part_ptr, param_ptr, tile, t, chunks, coeffs, sinks, n, sink_tiles,
-                        high_tokens, qmax_high, qmax_low, LEVELS, SYMMETRIC,
+                        high_tokens, qmax_high, qmax_low, LEVELS, SYMMETRIC, GRID_W,
                     )  # fmt: skip
                 return
             else:
@@ -260,19 +375,19 @@ def _tile_body(
                     arrived = tl.atomic_add(sync_ptr + 1 + tile, 0, sem="acquire")
                 _fold_params(
                     part_ptr, param_ptr, tile, t, chunks, coeffs, sinks, n, sink_tiles,
-                    high_tokens, qmax_high, qmax_low, LEVELS, SYMMETRIC,
+                    high_tokens, qmax_high, qmax_low, LEVELS, SYMMETRIC, GRID_W,
                 )  # fmt: skip
                 tl.debug_barrier()
 
     param_at = param_ptr + slot * 4
     if PROBE:
-        pos, valid = _tile_positions(t, sinks, n, sink_tiles, LEVELS, False)
+        pos, valid = _grid_positions(t, sinks, n, sink_tiles, LEVELS, GRID_W)
         probe_row = (row * (sinks + n) + pos) * D
-    x = _load_block(x_base, row_off, 0, *block, D, R, SUB, ROW_MASK, COL_MASK)
+    x = _load_block(x_base, row_off, 0, *block, D, R, SUB, ROW_MASK, COL_MASK, SIDE)
     for s in range(subs):
         ahead = tl.minimum(s + 1, subs - 1)
-        x_next = _load_block(x_base, row_off, ahead, *block, D, R, SUB, ROW_MASK, COL_MASK)
-        z = _coefficients(x, R, SUB, HAAR, EXACT)
+        x_next = _load_block(x_base, row_off, ahead, *block, D, R, SUB, ROW_MASK, COL_MASK, SIDE)
+        z = _coefficients(x, R, SUB, HAAR, EXACT, SIDE)
         offset, scale, inv = _load_params(param_at, s, EXACT)
         codes, z_hat = _fake_quant(z, offset, scale, inv, SYMMETRIC, EXACT)
         if PROBE:  # test hook: codes and q/dq values at [2, rows, sinks + n, D]
@@ -283,11 +398,13 @@ def _tile_body(
             tl.store(
                 at + plane, tl.permute(tl.reshape(z_hat, [R, SUB // V, V]), (1, 0, 2)), mask=keep
             )
-        if HAAR:
+        if SIDE > 0:
+            z_hat = _inverse2d(z_hat, SIDE, SUB, EXACT)
+        elif HAAR:
             z_hat = _inverse(z_hat, R, SUB, EXACT)
         y = tl.permute(tl.reshape(z_hat, [R, SUB // V, V]), (1, 0, 2)).to(out_ptr.dtype.element_ty)
         if MASKED:
-            ok = _block_mask(s, *block, D, R, SUB, COL_MASK)
+            ok = _block_mask(s, *block, D, R, SUB, COL_MASK, SIDE)
             tl.store(o_base + s * SUB + row_off, y, mask=ok)
         else:
             tl.store(o_base + s * SUB + row_off, y)
@@ -301,7 +418,7 @@ def rows_kernel(
     high_tokens, qmax_high, qmax_low,
     D: tl.constexpr, LEVELS: tl.constexpr, V: tl.constexpr, SUB: tl.constexpr,
     SUBS: tl.constexpr, SYMMETRIC: tl.constexpr, MODE: tl.constexpr, PROBE: tl.constexpr,
-    EXACT: tl.constexpr,
+    EXACT: tl.constexpr, GRID_W: tl.constexpr,
 ):  # fmt: skip
     """One program = tile ``pid // chunks``, feature chunk ``pid % chunks`` (``FUSED`` takes
     ``pid`` from a ticket counter so it only ever waits for programs that started before it).
@@ -327,9 +444,19 @@ def rows_kernel(
         rows, S, sinks, n, tiles_per_row, sink_tiles, chunks, stride_xb, stride_ob,
         high_tokens, qmax_high, qmax_low,
     )  # fmt: skip
-    if t < sink_tiles:
-        _tile_body(*args, D, LEVELS, V, SUB, SUBS, SYMMETRIC, MODE, PROBE, EXACT, False, True)
-    elif sinks + (t - sink_tiles + 1) * R <= S:
-        _tile_body(*args, D, LEVELS, V, SUB, SUBS, SYMMETRIC, MODE, PROBE, EXACT, True, False)
+    if GRID_W > 0:  # a 2-D tile is full when it ends inside the grid both ways
+        SIDE: tl.constexpr = 1 << (LEVELS // 2)
+        tiles_w: tl.constexpr = (GRID_W + SIDE - 1) // SIDE
+        g = t - sink_tiles
+        full = ((g // tiles_w + 1) * SIDE * GRID_W <= S - sinks) & (
+            (g % tiles_w + 1) * SIDE <= GRID_W
+        )
     else:
-        _tile_body(*args, D, LEVELS, V, SUB, SUBS, SYMMETRIC, MODE, PROBE, EXACT, True, True)
+        full = sinks + (t - sink_tiles + 1) * R <= S
+    spec = (D, LEVELS, V, SUB, SUBS, SYMMETRIC, MODE, PROBE, EXACT, GRID_W)
+    if t < sink_tiles:
+        _tile_body(*args, *spec, False, True)
+    elif full:
+        _tile_body(*args, *spec, True, False)
+    else:
+        _tile_body(*args, *spec, True, True)

@@ -10,6 +10,7 @@ The answers, for a lowering with hand-written kernels (``auto``, the default; ``
 
 * ``stamp::fake_quant`` on CUDA that :func:`.triton_haar.eligible` takes:
   ``stamp::haar_fake_quant`` (a ``triton_op``: Inductor launches the kernel from its own code),
+  ``stamp::haar2d_fake_quant`` for a haar2d site (the same kernel on square tiles of the grid),
   or, for a symbolic length under auto levels, ``stamp::haar_fake_quant_dynamic`` (an opaque
   op that picks the Haar depth per call), so a new length never recompiles;
 * ``stamp::hadamard`` on CUDA that :func:`.hadamard_kernel.eligible` takes:
@@ -129,6 +130,9 @@ def _choose_fake_quant(node: fx.Node, hand_written: bool) -> Choice:
     if not triton_haar.eligible(x, policy, seq_dim):
         return _fallback(policy, x, seq_dim)
     kernel_args = (args[0], *_haar_kernel_args(policy))
+    if policy.transform == "haar2d":
+        grid_op = torch.ops.stamp.haar2d_fake_quant.default
+        return Choice("haar2d kernel", grid_op, (args[0], *policy.grid, *kernel_args[1:]))
     if policy.levels is None and symbolic_length(x, -2):
         # The depth follows the length: decided per call, so no guard and no recompile.
         dynamic = torch.ops.stamp.haar_fake_quant_dynamic.default
@@ -167,6 +171,8 @@ def _choose_masked(node: fx.Node, hand_written: bool) -> Choice:
         return Choice(REFERENCE)
     from . import triton_haar
 
+    if policy.transform != "haar":  # the per-row kernel op is 1-D only
+        return Choice(REFERENCE)
     if not triton_haar.eligible(x, policy, seq_dim) or seq_dim % x.ndim == 0:
         return Choice(REFERENCE)
     kernel_args = (args[0], args[1], *_haar_kernel_args(policy))

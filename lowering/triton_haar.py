@@ -84,6 +84,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from stamp_fx.bitwidths import validate_bits
 from stamp_fx.ops import per_real_row
 from stamp_fx.plan import SitePolicy
+from stamp_fx.transforms import auto_haar2d_levels
 
 from . import haar_rows
 from .haar_rows import MAX_ROWS_LEVELS
@@ -106,6 +107,7 @@ from .triton_common import (
 
 __all__ = [
     "MAX_LEVELS",
+    "MAX_GRID_LEVELS",
     "SCHEDULES",
     "VARIANTS",
     "DEFAULT_BLOCK_D",
@@ -117,6 +119,9 @@ __all__ = [
 
 MAX_LEVELS = 8
 """Deepest Haar the kernel handles (a 256-token tile); deeper sites use the decomposition."""
+MAX_GRID_LEVELS = 3
+"""Deepest haar2d the (rows) kernel handles: 8 x 8 = 64-token tiles, one feature per thread
+(the auto depth of a 64 x 64 grid with 64 high-precision tokens, PixArt at 1024 px)."""
 DEFAULT_BLOCK_D = 128
 """Features per program of the slab kernel. Chosen by ``benchmarks/bench_kernel_tiling.py`` on
 an H200 (2048 x 4096 and 8192 x 8192 bf16, block_d 64/128/256 x 4/8 warps x fused/split): 128
@@ -375,7 +380,8 @@ def _rows_tiling(
     """``(V, warps, SUB, CB)`` of the rows kernel: features per thread per sub-block, warps,
     features per sub-block (``V * 32 * warps``) and per program (``CB``, a multiple of SUB).
 
-    ``V`` is 2 (4 for tiles of up to 4 tokens; registers hold ``R * V`` values); the warps are
+    ``V`` is 2 (4 for tiles of up to 4 tokens, 1 for the 64-token tiles of a 3-level haar2d;
+    registers hold ``R * V`` values); the warps are
     the most (up to ``num_warps``, default ``WARPS``) whose sub-block divides ``D``, so that
     full tiles need no feature mask (else as many as ``D`` fills). ``block_d`` (default
     ``ROWS_BLOCK_D``, twice that past 8192 features) narrows the sub-block when it must, to
@@ -384,7 +390,7 @@ def _rows_tiling(
     most = num_warps or WARPS
     if most < 1:
         raise ValueError(f"num_warps must be >= 1, got {num_warps}")
-    v = 4 if rows <= 4 else 2
+    v = 4 if rows <= 4 else 2 if rows <= 32 else 1
     warps = next(
         (w for w in (8, 4, 2, 1) if w <= most and features % (v * 32 * w) == 0),
         max(1, min(most, features // (v * 32))),
@@ -415,6 +421,24 @@ def _check(levels: int, high_bits: int, low_bits: int, dtype: torch.dtype) -> No
         raise TypeError(f"the Triton Haar kernel takes float16/bfloat16/float32, got {dtype}")
 
 
+def _check_grid(grid, levels: int, seq, sink_tokens: int, feats, variant: str) -> None:
+    """Why the 2-D kernel cannot take ``grid`` (raises), else nothing."""
+    if levels > MAX_GRID_LEVELS:
+        raise ValueError(
+            f"levels: the Triton haar2d kernel takes 0..{MAX_GRID_LEVELS} (tiles of up to "
+            f"{4**MAX_GRID_LEVELS} tokens), got {levels}"
+        )
+    if variant == "slab":
+        raise ValueError("variant: haar2d runs on the 'rows' kernel only, got 'slab'")
+    if not isinstance(seq, int) or not isinstance(feats, int):
+        raise ValueError("haar2d on the kernel needs a concrete length and feature count")
+    if len(grid) != 2 or seq - sink_tokens != grid[0] * grid[1]:
+        raise ValueError(
+            f"grid: {tuple(grid)} holds {grid[0] * grid[1]} tokens, but the sequence has "
+            f"{seq - sink_tokens} after {sink_tokens} sink(s)"
+        )
+
+
 def _launch(
     x: Tensor,
     levels: int,
@@ -431,8 +455,11 @@ def _launch(
     num_warps: int | None = None,
     variant: str = "auto",
     maxnreg: int | None = None,
+    grid: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Run the kernel on ``x`` of shape [..., S, D]; ``levels`` must be concrete (``>= 0``)."""
+    """Run the kernel on ``x`` of shape [..., S, D]; ``levels`` must be concrete (``>= 0``).
+    ``grid=(H, W)``: the 2-D Haar over the row-major token grid after the sinks (haar2d),
+    tiles of ``2**levels x 2**levels`` tokens, on the rows kernel only."""
     _check(levels, high_bits, low_bits, x.dtype)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: unknown {schedule!r}; valid: {', '.join(SCHEDULES)}")
@@ -452,8 +479,14 @@ def _launch(
     out_dtype = torch.float32 if staged else x.dtype
     out = torch.empty((rows, seq, feats), dtype=out_dtype, device=x.device)
 
-    tile = 1 << levels
-    if sink_tokens and seq <= sink_tokens:  # every token is a sink (a guard when symbolic)
+    tile_log = levels if grid is None else 2 * levels  # log2 of a tile's tokens
+    tile = 1 << tile_log
+    if grid is not None:
+        side = 1 << levels
+        _check_grid(grid, levels, seq, sink_tokens, feats, variant)
+        coeffs = ceil_to(grid[0], side) * ceil_to(grid[1], side)
+        sinks = sink_tokens
+    elif sink_tokens and seq <= sink_tokens:  # every token is a sink (a guard when symbolic)
         sinks: IntLike = seq
         coeffs: IntLike = 0
     else:
@@ -462,7 +495,8 @@ def _launch(
     sink_tiles = (sinks + tile - 1) // tile
     tiles_per_row = sink_tiles + coeffs // tile
     tiles = rows * tiles_per_row
-    rows_kernel = levels <= MAX_ROWS_LEVELS and isinstance(feats, int) and variant != "slab"
+    rows_kernel = tile_log <= MAX_ROWS_LEVELS and isinstance(feats, int) and variant != "slab"
+    rows_kernel = rows_kernel or grid is not None
     if variant == "rows" and not rows_kernel:
         raise ValueError(
             f"variant: 'rows' takes up to {MAX_ROWS_LEVELS} levels and a concrete feature "
@@ -471,7 +505,7 @@ def _launch(
     if rows_kernel:
         if x3.stride(1) != feats:  # the rows kernel's row stride is D
             x3 = x3.contiguous()
-        v, warps, sub, block_d = _rows_tiling(levels, feats, block_d, num_warps)
+        v, warps, sub, block_d = _rows_tiling(tile_log, feats, block_d, num_warps)
     else:
         block_d = block_d or block_d_for(feats)
         warps = num_warps or _num_warps(block_d)
@@ -533,7 +567,8 @@ def _launch(
             rows, seq, sinks, coeffs, tiles_per_row, sink_tiles, chunks,
             x3.stride(0), out.stride(0), high_tokens, qmax(high_bits), qmax(low_bits),
         )  # fmt: skip
-        meta = {"D": feats, "LEVELS": levels, "V": v, "SUB": sub, "SUBS": block_d // sub}
+        meta = {"D": feats, "LEVELS": tile_log, "V": v, "SUB": sub, "SUBS": block_d // sub}
+        meta["GRID_W"] = 0 if grid is None else grid[1]
     else:
         jit_fn = _stamp_haar_kernel
         args = (
@@ -575,23 +610,30 @@ def haar_fake_quant(
     num_warps: int | None = None,
     variant: str = "auto",
     maxnreg: int | None = None,
+    grid: tuple[int, int] | None = None,
 ) -> Tensor:
     """STaMP Haar fake quantization of ``x`` ([..., S, D]) with the fused kernel.
 
     ``levels=-1`` picks :func:`~stamp_fx.transforms.auto_haar_levels` for the ``S - sinks``
     transformed tokens with target ``max(1, high_tokens)`` (as :class:`SitePolicy` does).
+    ``grid=(H, W)``: the 2-D Haar (``transform="haar2d"``) of the ``H x W`` token grid after
+    the sinks; ``levels=-1`` then picks :func:`~stamp_fx.transforms.auto_haar2d_levels`.
     ``block_d``, ``schedule``, ``num_warps`` and ``variant`` override the tiling and the kernel
     (tests use them to force the multi-chunk paths and each kernel;
     ``benchmarks/bench_kernel_tiling.py`` sweeps them). Runs on CUDA
     tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
     """
     seq = x.shape[-2]
-    transformed = max(0, seq - sink_tokens) if isinstance(seq, int) else seq - sink_tokens
-    levels = haar_levels(transformed, levels, max(1, high_tokens))
+    if grid is not None:
+        if levels < 0:
+            levels = auto_haar2d_levels(*grid, max(1, high_tokens))
+    else:
+        transformed = max(0, seq - sink_tokens) if isinstance(seq, int) else seq - sink_tokens
+        levels = haar_levels(transformed, levels, max(1, high_tokens))
     out, _ = _launch(
         x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric,
         block_d=block_d, schedule=schedule, probe=False, num_warps=num_warps, variant=variant,
-        maxnreg=maxnreg,
+        maxnreg=maxnreg, grid=grid,
     )  # fmt: skip
     return out
 
@@ -608,6 +650,7 @@ def haar_fake_quant_probe(
     block_d: int | None = None,
     schedule: str = "auto",
     variant: str = "auto",
+    grid: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`haar_fake_quant` that also returns, for tests, the integer codes and the
     dequantized values of the quantized sequence ``[sinks, a_J, ..., d_1]`` as two float32
@@ -616,7 +659,7 @@ def haar_fake_quant_probe(
         raise ValueError("haar_fake_quant_probe needs concrete levels")
     out, planes = _launch(
         x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric,
-        block_d=block_d, schedule=schedule, probe=True, variant=variant,
+        block_d=block_d, schedule=schedule, probe=True, variant=variant, grid=grid,
     )  # fmt: skip
     return out, planes[0], planes[1]
 
@@ -636,6 +679,26 @@ def haar_fake_quant_op(
     return haar_fake_quant(x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric)
 
 
+@triton_op("stamp::haar2d_fake_quant", mutates_args=())
+def haar2d_fake_quant_op(
+    x: Tensor,
+    grid_h: int,
+    grid_w: int,
+    levels: int,
+    sink_tokens: int,
+    high_tokens: int,
+    high_bits: int,
+    low_bits: int,
+    symmetric: bool,
+) -> Tensor:
+    """``torch.ops.stamp.haar2d_fake_quant``: :func:`haar_fake_quant` with
+    ``grid=(grid_h, grid_w)`` (the haar2d site of an image grid) as a ``triton_op``."""
+    return haar_fake_quant(
+        x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric,
+        grid=(grid_h, grid_w),
+    )  # fmt: skip
+
+
 # -- which sites it takes -----------------------------------------------------------------------
 
 
@@ -651,7 +714,11 @@ def eligible(x: Tensor, policy: SitePolicy, seq_dim: int) -> bool:
         return False
     if seq_dim % x.ndim != x.ndim - 2:
         return False
-    if policy.transform != "haar" or policy.bands is not None or policy.group_size is not None:
+    if policy.bands is not None or policy.group_size is not None:
+        return False
+    if policy.transform == "haar2d":
+        return _grid_eligible(x, policy)
+    if policy.transform != "haar":
         return False
     if policy.levels is not None:
         return policy.levels <= MAX_LEVELS
@@ -660,6 +727,22 @@ def eligible(x: Tensor, policy: SitePolicy, seq_dim: int) -> bool:
     # Auto levels grow with the length; past MAX_LEVELS the site goes to the decomposition.
     transformed = x.shape[-2] - policy.sink_tokens
     return haar_levels(transformed, -1, max(1, policy.high_tokens)) <= MAX_LEVELS
+
+
+def _grid_eligible(x: Tensor, policy: SitePolicy) -> bool:
+    """A haar2d site: a concrete length that is the sinks plus the grid, a concrete feature
+    count, and a depth of at most ``MAX_GRID_LEVELS`` (a symbolic length, which a fixed grid
+    cannot follow, goes to the decomposition)."""
+    seq, feats = x.shape[-2], x.shape[-1]
+    if policy.grid is None or not isinstance(seq, int) or not isinstance(feats, int):
+        return False
+    h, w = policy.grid
+    if seq - policy.sink_tokens != h * w:
+        return False
+    levels = policy.levels
+    if levels is None:
+        levels = auto_haar2d_levels(h, w, max(1, policy.high_tokens))
+    return levels <= MAX_GRID_LEVELS
 
 
 @torch.library.custom_op("stamp::haar_fake_quant_dynamic", mutates_args=())
@@ -735,3 +818,6 @@ def _no_context(ctx, inputs, output) -> None:
 for _op in (haar_fake_quant_op, haar_fake_quant_dynamic_op):
     _op.register_autograd(_straight_through, setup_context=_no_context)
 haar_fake_quant_masked_op.register_autograd(_straight_through_masked, setup_context=_no_context)
+haar2d_fake_quant_op.register_autograd(
+    lambda ctx, grad: (grad,) + (None,) * 8, setup_context=_no_context
+)

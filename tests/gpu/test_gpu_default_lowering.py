@@ -86,22 +86,26 @@ def test_dynamic_lengths_with_auto_depth_compile_once_on_the_kernel():
     assert labels == {"haar kernel (depth per call)"}, labels
 
 
-def test_pixart_haar2d_hadamard_default_lowering():
+@pytest.mark.parametrize("side", [8, 32], ids=["grid4x4", "grid16x16"])
+def test_pixart_haar2d_hadamard_default_lowering(side):
+    """The haar2d sites take the grid kernel (2 x 2 tiles on the 4 x 4 grid, the 64-token
+    8 x 8 tiles on the 16 x 16 one), the rotations the Hadamard kernel."""
     pytest.importorskip("diffusers")  # not on the GPU machine unless its wheels are carried
-    model, inputs = models.pixart()
+    model, inputs = models.pixart(side=side)
     model = model.cuda()
     inputs = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in inputs.items()}
-    config = StampConfig(
-        transform="haar2d", grid=(4, 4), high_tokens=4, feature_transform="hadamard"
-    )
+    grid = (side // 2, side // 2)
+    config = StampConfig(transform="haar2d", grid=grid, high_tokens=4, feature_transform="hadamard")
     compiler = StampCompiler(config)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=compiler, fullgraph=True)
     with torch.no_grad():
         out, codes = run_and_get_code(lambda: models.main_output(compiled(**inputs)))
     code = "\n".join(codes)
-    assert "_hadamard_kernel" in code
+    assert "_hadamard_kernel" in code and "rows_kernel" in code
     assert not stamp_calls(code, REFERENCE_OPS), stamp_calls(code, REFERENCE_OPS)[:3]
+    labels = {n.meta.get("stamp_kernel") for n in compiler.last.graph.graph.nodes} - {None}
+    assert "haar2d kernel" in labels, labels
     assert_no_worse_than_eager(out, model, inputs, compiler.last.plan)
 
 
