@@ -103,7 +103,7 @@ def kernel_fn(policy: SitePolicy, device: str, schedule: str = "auto", variant: 
     """The hand-written kernel (``schedule``, ``variant``: see lowering/triton_haar.py), or
     None where it cannot run (CPU without the interpreter)."""
     try:
-        from stamp_fx.lowering import triton_haar
+        from stamp_fx.lowering import haar_ops, triton_haar  # noqa: F401 (haar_ops: the ops)
     except ImportError:
         return None
     if device == "cpu" and not triton_haar.interpreted():

@@ -8,9 +8,10 @@
   own source (and the lowering's name) so an upgrade never reuses code compiled against an
   older op, nor one lowering another's;
 * :mod:`.decompositions`: ``stamp::fake_quant`` as ATen ops for Inductor to fuse;
-* :mod:`.triton_haar`: the hand-written fused Haar kernels' host side and the ``slab``
-  kernel; :mod:`.haar_rows` the ``rows`` kernel; :mod:`.triton_common` their shared device
-  functions; :mod:`.hadamard_kernel` the feature-rotation kernel; :mod:`.kernel_analysis` a
+* :mod:`.triton_haar`: the hand-written fused Haar kernels' specification, tiling and
+  launcher; :mod:`.haar_rows` the ``rows`` kernel (1-D tiles of up to 32 tokens, haar2d's
+  square tiles); :mod:`.haar_slab` the ``slab`` kernel (any depth); :mod:`.haar_ops` the
+  ``torch`` ops on them; :mod:`.triton_common` their shared device functions; :mod:`.hadamard_kernel` the feature-rotation kernel; :mod:`.kernel_analysis` a
   cache of torch's per-launch analysis of them (all imported lazily: they import Triton);
 * :mod:`.symbolic`: the few shape questions that need a concrete answer, and their guards.
 """

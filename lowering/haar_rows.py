@@ -144,30 +144,32 @@ def _grid_positions(t, sinks, n, sink_tiles, LEVELS: tl.constexpr, GRID_W: tl.co
     coarsest; the reference's sequence is ``[sinks, LL_J, (LH, HL, HH)_J, ..., (..)_1]``,
     each band row-major over the padded grid (``bh x bw`` tiles, ``bh * 2**l`` rows)."""
     R: tl.constexpr = 1 << LEVELS
-    if GRID_W == 0:
-        return _tile_positions(t, sinks, n, sink_tiles, LEVELS, False)
     i = tl.arange(0, R)
-    if t < sink_tiles:
+    if GRID_W == 0:
+        pos, valid = _tile_positions(t, sinks, n, sink_tiles, LEVELS, False)
+    elif t < sink_tiles:
         pos = t * R + i
-        return pos, pos < sinks
-    T: tl.constexpr = 1 << (LEVELS // 2)
-    bw: tl.constexpr = (GRID_W + T - 1) // T
-    bh = n // (R * bw)
-    g = t - sink_tiles
-    ty = g // bw
-    tx = g % bw
-    pos = sinks + ty * bw + tx + i * 0  # LL
-    for lv in tl.static_range(0, LEVELS // 2):
-        size = 1 << (2 * lv)  # rows of one band of this level in the tile
-        side = 1 << lv
-        q = i - size
-        in_level = (i >= size) & (i < 4 * size)
-        band = q // size
-        a = (q % size) // side
-        b = q % side
-        at = bh * bw * size * (1 + band) + (ty * side + a) * (bw * side) + tx * side + b
-        pos = tl.where(in_level, sinks + at, pos)
-    return pos, pos < sinks + n
+        valid = pos < sinks
+    else:
+        T: tl.constexpr = 1 << (LEVELS // 2)
+        bw: tl.constexpr = (GRID_W + T - 1) // T
+        bh = n // (R * bw)
+        g = t - sink_tiles
+        ty = g // bw
+        tx = g % bw
+        pos = sinks + ty * bw + tx + i * 0  # LL
+        for lv in tl.static_range(0, LEVELS // 2):
+            size = 1 << (2 * lv)  # rows of one band of this level in the tile
+            side = 1 << lv
+            q = i - size
+            in_level = (i >= size) & (i < 4 * size)
+            band = q // size
+            a = (q % size) // side
+            b = q % side
+            at = bh * bw * size * (1 + band) + (ty * side + a) * (bw * side) + tx * side + b
+            pos = tl.where(in_level, sinks + at, pos)
+        valid = pos < sinks + n
+    return pos, valid
 
 
 @triton.jit
@@ -453,10 +455,16 @@ def rows_kernel(
         )
     else:
         full = sinks + (t - sink_tiles + 1) * R <= S
-    spec = (D, LEVELS, V, SUB, SUBS, SYMMETRIC, MODE, PROBE, EXACT, GRID_W)
+    # (constexprs spelled out: packed in a tuple they reach _tile_body as runtime values)
     if t < sink_tiles:
-        _tile_body(*args, *spec, False, True)
+        _tile_body(
+            *args, D, LEVELS, V, SUB, SUBS, SYMMETRIC, MODE, PROBE, EXACT, GRID_W, False, True
+        )
     elif full:
-        _tile_body(*args, *spec, True, False)
+        _tile_body(
+            *args, D, LEVELS, V, SUB, SUBS, SYMMETRIC, MODE, PROBE, EXACT, GRID_W, True, False
+        )
     else:
-        _tile_body(*args, *spec, True, True)
+        _tile_body(
+            *args, D, LEVELS, V, SUB, SUBS, SYMMETRIC, MODE, PROBE, EXACT, GRID_W, True, True
+        )

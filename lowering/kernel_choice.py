@@ -125,7 +125,7 @@ def _choose_fake_quant(node: fx.Node, hand_written: bool) -> Choice:
         return Choice(DECOMPOSED)  # the decomposition reports it
     if autocorr is not None or not hand_written or x.device.type != "cuda":
         return _fallback(policy, x, seq_dim)
-    from . import triton_haar
+    from . import haar_ops, triton_haar  # noqa: F401 (haar_ops registers the ops chosen here)
 
     if not triton_haar.eligible(x, policy, seq_dim):
         return _fallback(policy, x, seq_dim)
@@ -169,7 +169,7 @@ def _choose_masked(node: fx.Node, hand_written: bool) -> Choice:
         policy = policy_of(*args[3:])
     except ValueError:
         return Choice(REFERENCE)
-    from . import triton_haar
+    from . import haar_ops, triton_haar  # noqa: F401 (haar_ops registers the ops chosen here)
 
     if policy.transform != "haar":  # the per-row kernel op is 1-D only
         return Choice(REFERENCE)

@@ -1,5 +1,8 @@
 """Hand-written fused Triton kernel for the default STaMP site (used by the default ``"auto"`` lowering
-(and ``"triton"``) on CUDA; see :mod:`.kernel_choice` for which sites it takes).
+(and ``"triton"``) on CUDA; see :mod:`.kernel_choice` for which sites it takes): what the Haar
+kernels compute, their tiling and schedules, and the launcher. The kernels themselves are in
+:mod:`.haar_rows` and :mod:`.haar_slab`, the ``torch`` ops on them in :mod:`.haar_ops`. (This
+module is past 400 lines because the first 70 are the kernels' shared specification.)
 
 What it computes: exactly :func:`stamp_fx.reference.stamp_fake_quant_ref` for ``transform="haar"``
 with ``J`` levels, the first-``high_tokens`` rule (``high_bits`` / ``low_bits``), ``s`` sink
@@ -33,7 +36,7 @@ every thread per row), and the programs read those back. Two kernels do this (``
   all ``R`` tokens of 2 features, so every butterfly stays in registers; a program walks a
   1024-feature chunk (2048 past 8192 features) in sub-blocks, accumulating the ranges in
   registers. See that module.
-* ``slab`` (this module, any depth up to ``MAX_LEVELS``): an ``R x BLOCK_D`` slab per program
+* ``slab`` (:mod:`.haar_slab`, any depth up to ``MAX_LEVELS``): an ``R x BLOCK_D`` slab per program
   (tokens on dim 0, features contiguous on dim 1, vectorised loads), tokens loaded in
   bit-reversed order so each level is a halving of the rows; the coarse levels move rows
   between warps through shared memory.
@@ -75,35 +78,20 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from stamp_fx.bitwidths import validate_bits
-from stamp_fx.ops import per_real_row
 from stamp_fx.plan import SitePolicy
 from stamp_fx.transforms import auto_haar2d_levels
 
-from . import haar_rows
+from . import haar_rows, haar_slab
 from .haar_rows import MAX_ROWS_LEVELS
 from .kernel_analysis import memoize_access_analysis
 from .symbolic import IntLike, ceil_to, haar_levels, symbolic_length
-from .triton_common import (
-    _MODE_APPLY,
-    _MODE_FUSED,
-    _MODE_LOCAL,
-    _MODE_STATS,
-    _bit_reverse,
-    _by_inv_sqrt2,
-    _fake_quant,
-    _fold_ranges,
-    _maximum,
-    _minimum,
-    _quantizer_params,
-    _tile_positions,
-)
+from .triton_common import _MODE_APPLY, _MODE_FUSED, _MODE_LOCAL, _MODE_STATS
 
 __all__ = [
     "MAX_LEVELS",
@@ -135,217 +123,8 @@ fused/split): at 2048 x 4096, 1024 features ``fused`` was fastest (0.027 ms; 204
 2048 x 14336, 2048 features ``fused`` (0.074 ms; 1024: 0.084)."""
 SCHEDULES = ("auto", "local", "fused", "split")
 VARIANTS = ("auto", "rows", "slab")
-"""Which kernel: ``rows`` (:mod:`.haar_rows`, tiles of up to 32 tokens), ``slab`` (this module's,
+"""Which kernel: ``rows`` (:mod:`.haar_rows`, tiles of up to 32 tokens), ``slab`` (:mod:`.haar_slab`,
 any depth), ``auto`` (rows where it applies)."""
-
-
-# -- device functions ----------------------------------------------------------------------------
-
-
-@triton.jit
-def _haar_forward(t, DEPTH: tl.constexpr, EXACT: tl.constexpr):
-    """``[M, BLOCK_D]`` slab of ``M = 2**DEPTH`` consecutive tokens *in bit-reversed order*
-    (row ``p`` holds token ``bitrev(p)``) -> its Haar coefficients ``[a, d_DEPTH, ...,
-    d_1]`` along the rows, each detail band in bit-reversed order.
-
-    Why bit-reversed: then the even tokens are the first half of the rows and the odd tokens
-    the second half, and the approximations come out bit-reversed again, so every level is a
-    halving of the row axis. With Triton's load layout (a thread holds rows ``r, r + M/4, ...``)
-    the finest levels, which carry most of the work, stay inside a thread; adjacent-token
-    pairs would cross lanes at every level."""
-    if DEPTH == 0:
-        return t
-    else:
-        halves = tl.permute(tl.reshape(t, [2, t.shape[0] // 2, t.shape[1]]), (1, 2, 0))
-        even, odd = tl.split(halves)
-        approx = _by_inv_sqrt2(even + odd, EXACT)
-        detail = _by_inv_sqrt2(even - odd, EXACT)
-        head = _haar_forward(approx, DEPTH - 1, EXACT)
-        # concat(head, detail) along the rows.
-        both = tl.permute(tl.join(head, detail), (2, 0, 1))
-        return tl.reshape(both, [t.shape[0], t.shape[1]])
-
-
-@triton.jit
-def _haar_inverse(t, DEPTH: tl.constexpr, EXACT: tl.constexpr):
-    """Inverse of :func:`_haar_forward`: coefficients -> tokens in bit-reversed order."""
-    if DEPTH == 0:
-        return t
-    else:
-        halves = tl.permute(tl.reshape(t, [2, t.shape[0] // 2, t.shape[1]]), (1, 2, 0))
-        head, detail = tl.split(halves)
-        approx = _haar_inverse(head, DEPTH - 1, EXACT)
-        even = _by_inv_sqrt2(approx + detail, EXACT)
-        odd = _by_inv_sqrt2(approx - detail, EXACT)
-        # concat(even, odd) along the rows: the even tokens first, as they were loaded.
-        both = tl.permute(tl.join(even, odd), (2, 0, 1))
-        return tl.reshape(both, [t.shape[0], t.shape[1]])
-
-
-@triton.jit
-def _tile_params(
-    part_ptr, param_ptr, tile, t, chunks, coeffs, sinks, n, sink_tiles,
-    high_tokens, qmax_high, qmax_low, LEVELS: tl.constexpr, SYMMETRIC: tl.constexpr,
-):  # fmt: skip
-    """Fold the ``chunks`` partial ranges of one tile's ``R`` coefficient rows and write their
-    quantizer parameters (offset, scale, reciprocal scale). The vectors here are fresh 1-D
-    tensors, spread over the lanes, so the per-row divisions run once per row rather than once
-    per thread holding the row."""
-    R: tl.constexpr = 1 << LEVELS
-    slot = tile * R + tl.arange(0, R)
-    hi, lo = _fold_ranges(part_ptr, slot, chunks, coeffs, SYMMETRIC)
-    pos, _ = _tile_positions(t, sinks, n, sink_tiles, LEVELS, True)
-    offset, scale, inv = _quantizer_params(hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC)
-    tl.store(param_ptr + slot, offset)
-    tl.store(param_ptr + coeffs + slot, scale)
-    tl.store(param_ptr + 2 * coeffs + slot, inv)
-
-
-@triton.jit(do_not_specialize=["rows", "sinks", "n", "tiles_per_row", "sink_tiles", "chunks"])
-def _stamp_haar_kernel(
-    x_ptr,
-    out_ptr,
-    part_ptr,
-    param_ptr,
-    sync_ptr,
-    probe_ptr,
-    rows,
-    S,
-    D,
-    sinks,
-    n,
-    tiles_per_row,
-    sink_tiles,
-    chunks,
-    stride_xb,
-    stride_xs,
-    stride_ob,
-    stride_os,
-    high_tokens,
-    qmax_high,
-    qmax_low,
-    LEVELS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    SYMMETRIC: tl.constexpr,
-    MODE: tl.constexpr,
-    PROBE: tl.constexpr,
-    EXACT: tl.constexpr,
-    EVEN_D: tl.constexpr,
-):
-    """One program = one ``R x BLOCK_D`` slab of one tile (modes ``LOCAL``, ``FUSED``,
-    ``STATS``, ``APPLY``); see the module docstring.
-
-    Buffers (float32 unless said): ``part[2, chunks, coeffs]`` partial max (or ``max |z|``) and
-    min per chunk and canonical coefficient ``tile * R + i``; ``param[3, coeffs]`` offset,
-    scale and reciprocal scale per canonical coefficient, written by the tile's last program
-    to finish its statistics; ``sync`` (int64, zeroed): ``[ticket, arrivals[tiles],
-    ready[tiles]]``. ``EVEN_D``: ``D`` is a multiple of ``BLOCK_D``, so no feature masks.
-    """
-    R: tl.constexpr = 1 << LEVELS
-    tiles = rows * tiles_per_row
-    coeffs = tiles * R
-    if MODE == _MODE_FUSED:  # noqa: SIM108  (take tiles in the order programs start: docstring)
-        pid = tl.atomic_add(sync_ptr, 1, sem="relaxed")
-    else:
-        pid = tl.program_id(0).to(tl.int64)
-    tile = pid // chunks
-    chunk = (pid % chunks).to(tl.int32)
-    row = tile // tiles_per_row
-    t = (tile % tiles_per_row).to(tl.int32)
-
-    is_sink = t < sink_tiles
-    cols = tl.arange(0, R)
-    if is_sink:
-        tokens = t * R + cols
-        tok_ok = tokens < sinks
-    else:  # bit-reversed token order (see _haar_forward)
-        tokens = sinks + (t - sink_tiles) * R + _bit_reverse(cols, LEVELS)
-        tok_ok = tokens < S
-    # One 64-bit base per program, 32-bit offsets per element (the host checks they fit).
-    feats = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
-    feat_ok = feats < D
-    if EVEN_D:
-        io_mask = tl.broadcast_to(tok_ok[:, None], [R, BLOCK_D])
-    else:
-        io_mask = tok_ok[:, None] & feat_ok[None, :]
-    x = tl.load(
-        x_ptr + row * stride_xb + (tokens * stride_xs)[:, None] + feats[None, :],
-        mask=io_mask,
-        other=0.0,
-    ).to(tl.float32)
-    if is_sink:  # noqa: SIM108  (a runtime branch: sink tiles skip the transform)
-        z = x
-    else:
-        z = _haar_forward(x, LEVELS, EXACT)  # padding tokens are zeros, as in the reference
-
-    slot = tile * R + cols  # canonical coefficient index
-    if MODE != _MODE_APPLY:
-        # Partial (for LOCAL, complete) range of every coefficient row of the slab.
-        if SYMMETRIC:
-            za = tl.abs(z) if EVEN_D else tl.where(feat_ok[None, :], tl.abs(z), 0.0)
-            hi = tl.reduce(za, 1, _maximum)
-            lo = hi
-        elif EVEN_D:
-            hi = tl.reduce(z, 1, _maximum)
-            lo = tl.reduce(z, 1, _minimum)
-        else:
-            hi = tl.reduce(tl.where(feat_ok[None, :], z, -float("inf")), 1, _maximum)
-            lo = tl.reduce(tl.where(feat_ok[None, :], z, float("inf")), 1, _minimum)
-        if MODE != _MODE_LOCAL:
-            tl.store(part_ptr + chunk * coeffs + slot, hi)
-            if not SYMMETRIC:
-                tl.store(part_ptr + (chunks + chunk) * coeffs + slot, lo)
-            # The program that completes the tile computes its parameters for everybody (no
-            # separate parameter pass; the other programs never wait). Every thread's stores
-            # are ordered before the release by the CTA barrier, and the acquire makes the
-            # other programs' partials visible to this one.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(sync_ptr + 1 + tile, 1, sem="acq_rel")
-            if arrived == chunks - 1:
-                _tile_params(
-                    part_ptr, param_ptr, tile, t, chunks, coeffs, sinks, n, sink_tiles,
-                    high_tokens, qmax_high, qmax_low, LEVELS, SYMMETRIC,
-                )  # fmt: skip
-                if MODE == _MODE_FUSED:
-                    tl.debug_barrier()
-                    tl.atomic_xchg(sync_ptr + 1 + tiles + tile, 1, sem="release")
-    if MODE == _MODE_STATS:
-        return
-
-    if MODE == _MODE_LOCAL:
-        pos, valid = _tile_positions(t, sinks, n, sink_tiles, LEVELS, True)
-        offset, scale, inv = _quantizer_params(
-            hi, lo, pos, high_tokens, qmax_high, qmax_low, SYMMETRIC
-        )
-    else:
-        if MODE == _MODE_FUSED:  # wait for the tile's parameters
-            ready = sync_ptr + 1 + tiles + tile
-            seen = tl.atomic_add(ready, 0, sem="acquire")
-            while seen == 0:
-                seen = tl.atomic_add(ready, 0, sem="acquire")
-        offset = tl.load(param_ptr + slot, cache_modifier=".cg")
-        scale = tl.load(param_ptr + coeffs + slot, cache_modifier=".cg")
-        inv = tl.load(param_ptr + 2 * coeffs + slot, cache_modifier=".cg")
-        if PROBE:
-            pos, valid = _tile_positions(t, sinks, n, sink_tiles, LEVELS, True)
-
-    codes, z_hat = _fake_quant(z, offset, scale, inv, SYMMETRIC, EXACT)
-    if PROBE:
-        # Test hook: codes and q/dq values at [2, rows, quantized, D].
-        quantized = sinks + n
-        at = probe_ptr + (row * quantized + pos)[:, None] * D + feats[None, :]
-        probe_mask = valid[:, None] & feat_ok[None, :]
-        tl.store(at, codes, mask=probe_mask)
-        tl.store(at + rows * quantized * D, z_hat, mask=probe_mask)
-    if is_sink:  # noqa: SIM108
-        y = z_hat
-    else:
-        y = _haar_inverse(z_hat, LEVELS, EXACT)
-    tl.store(
-        out_ptr + row * stride_ob + (tokens * stride_os)[:, None] + feats[None, :],
-        y.to(out_ptr.dtype.element_ty),
-        mask=io_mask,
-    )
 
 
 # -- host side -----------------------------------------------------------------------------------
@@ -353,7 +132,7 @@ def _stamp_haar_kernel(
 
 def interpreted() -> bool:
     """True when the kernels were defined under ``TRITON_INTERPRET=1`` (NumPy on the CPU)."""
-    return not isinstance(_stamp_haar_kernel, triton.runtime.jit.JITFunction)
+    return not isinstance(haar_slab.slab_kernel, triton.runtime.jit.JITFunction)
 
 
 def _next_pow2(v: int) -> int:
@@ -570,7 +349,7 @@ def _launch(
         meta = {"D": feats, "LEVELS": tile_log, "V": v, "SUB": sub, "SUBS": block_d // sub}
         meta["GRID_W"] = 0 if grid is None else grid[1]
     else:
-        jit_fn = _stamp_haar_kernel
+        jit_fn = haar_slab.slab_kernel
         args = (
             x3, out, part, param, sync, codes if probe else out,
             rows, seq, feats, sinks, coeffs, tiles_per_row, sink_tiles, chunks,
@@ -664,41 +443,6 @@ def haar_fake_quant_probe(
     return out, planes[0], planes[1]
 
 
-@triton_op("stamp::haar_fake_quant", mutates_args=())
-def haar_fake_quant_op(
-    x: Tensor,
-    levels: int,
-    sink_tokens: int,
-    high_tokens: int,
-    high_bits: int,
-    low_bits: int,
-    symmetric: bool,
-) -> Tensor:
-    """``torch.ops.stamp.haar_fake_quant``: :func:`haar_fake_quant` as a ``triton_op``, so
-    ``torch.compile`` sees (and Inductor launches from its own code) the Triton kernel."""
-    return haar_fake_quant(x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric)
-
-
-@triton_op("stamp::haar2d_fake_quant", mutates_args=())
-def haar2d_fake_quant_op(
-    x: Tensor,
-    grid_h: int,
-    grid_w: int,
-    levels: int,
-    sink_tokens: int,
-    high_tokens: int,
-    high_bits: int,
-    low_bits: int,
-    symmetric: bool,
-) -> Tensor:
-    """``torch.ops.stamp.haar2d_fake_quant``: :func:`haar_fake_quant` with
-    ``grid=(grid_h, grid_w)`` (the haar2d site of an image grid) as a ``triton_op``."""
-    return haar_fake_quant(
-        x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric,
-        grid=(grid_h, grid_w),
-    )  # fmt: skip
-
-
 # -- which sites it takes -----------------------------------------------------------------------
 
 
@@ -743,81 +487,3 @@ def _grid_eligible(x: Tensor, policy: SitePolicy) -> bool:
     if levels is None:
         levels = auto_haar2d_levels(h, w, max(1, policy.high_tokens))
     return levels <= MAX_GRID_LEVELS
-
-
-@torch.library.custom_op("stamp::haar_fake_quant_dynamic", mutates_args=())
-def haar_fake_quant_dynamic_op(
-    x: Tensor,
-    levels: int,
-    sink_tokens: int,
-    high_tokens: int,
-    high_bits: int,
-    low_bits: int,
-    symmetric: bool,
-) -> Tensor:
-    """``torch.ops.stamp.haar_fake_quant_dynamic``: the kernel for a site whose length is
-    symbolic. An opaque op (Inductor calls it, it does not trace it), so the Haar depth, which
-    auto levels take from the length, is decided per call and a new length never recompiles.
-    Past ``MAX_LEVELS`` it runs the reference, which computes the same thing."""
-    seq = x.shape[-2]
-    depth = haar_levels(max(0, seq - sink_tokens), levels, max(1, high_tokens))
-    if depth > MAX_LEVELS:
-        policy = SitePolicy(
-            levels=None if levels < 0 else levels, sink_tokens=sink_tokens,
-            high_tokens=high_tokens, high_bits=high_bits, low_bits=low_bits, symmetric=symmetric,
-        )  # fmt: skip
-        return policy.apply_sequence(x, -2).contiguous()
-    return haar_fake_quant(x, depth, sink_tokens, high_tokens, high_bits, low_bits, symmetric)
-
-
-@haar_fake_quant_dynamic_op.register_fake
-def _(x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("stamp::haar_fake_quant_masked", mutates_args=())
-def haar_fake_quant_masked_op(
-    x: Tensor,
-    mask: Tensor,
-    levels: int,
-    sink_tokens: int,
-    high_tokens: int,
-    high_bits: int,
-    low_bits: int,
-    symmetric: bool,
-) -> Tensor:
-    """``torch.ops.stamp.haar_fake_quant_masked``: ``stamp::fake_quant_masked`` (each batch
-    row's real tokens, ``mask[b] != 0``, quantized as a sequence of their own; pads unchanged)
-    on the kernel. ``x`` is ``[B, ..., S, D]`` (batch first, sequence on dim -2), ``mask``
-    ``[B, S]``. A batch without padding is one kernel call; a padded one, one per row (the
-    depth decided per call, as :func:`haar_fake_quant_dynamic_op` does)."""
-    args = (levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric)
-    return per_real_row(
-        x, mask, -2, lambda rows: haar_fake_quant_dynamic_op(rows, *args),
-        "stamp::haar_fake_quant_masked",
-    )  # fmt: skip
-
-
-@haar_fake_quant_masked_op.register_fake
-def _(x, mask, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric):
-    return x.new_empty(x.shape)
-
-
-def _straight_through(ctx, grad):
-    return (grad,) + (None,) * 6
-
-
-def _straight_through_masked(ctx, grad):
-    return (grad,) + (None,) * 7
-
-
-def _no_context(ctx, inputs, output) -> None:
-    pass
-
-
-for _op in (haar_fake_quant_op, haar_fake_quant_dynamic_op):
-    _op.register_autograd(_straight_through, setup_context=_no_context)
-haar_fake_quant_masked_op.register_autograd(_straight_through_masked, setup_context=_no_context)
-haar2d_fake_quant_op.register_autograd(
-    lambda ctx, grad: (grad,) + (None,) * 8, setup_context=_no_context
-)

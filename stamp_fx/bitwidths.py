@@ -2,8 +2,7 @@
 
 Torch-free (like :mod:`stamp_fx.allocation`, which uses it). :mod:`stamp_fx.quantizer`
 re-exports :data:`MIN_BITS`, :data:`MAX_BITS` and :func:`validate_bits`, where they were first
-defined. (``lowering/triton_haar.py`` still writes the range as ``2 <= bits <= 16``; it may
-import :func:`is_bit_width` from here.)
+defined; the Triton kernels' launcher validates with :func:`validate_bits` too.
 """
 
 from __future__ import annotations

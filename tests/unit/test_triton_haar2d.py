@@ -17,7 +17,7 @@ select_interpreter("stamp_fx.lowering.triton_haar")
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from stamp_fx.lowering import triton_haar  # noqa: E402
+from stamp_fx.lowering import haar_ops, triton_haar  # noqa: E402, F401 (haar_ops: the ops)
 
 from stamp_fx import SitePolicy  # noqa: E402
 from stamp_fx.quantizer import compute_qparams, dequantize, quantize  # noqa: E402
