@@ -25,7 +25,7 @@ pass, ``torch.compile(model, backend="stamp", options=...)`` exactly (``--config
   "feature_transform": "hadamard"}``, the grid being the model's token grid. Sites whose
   sequence is not that grid (the cross-attention K/V projections of the 300 text tokens) get the
   plan's own rule: text K/V projections are quantized per token without a sequence transform
-  (stamp_fx/policy.py), and any other site whose static length does not fill the grid is left
+  (stamp_fx/planner.py), and any other site whose static length does not fill the grid is left
   unquantized with that reason (the ``sites`` column counts quantized sites only).
 
 The stamp side uses the library's default lowering unless ``--lowering`` names one (then it is

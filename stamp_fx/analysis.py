@@ -1,4 +1,5 @@
-"""Dynamo graph -> sites. All knowledge of un-normalised Dynamo ops lives here.
+"""Dynamo graph -> sites. With :mod:`stamp_fx.graph_ops` (which recognises the linear layers and
+attention among Dynamo's un-normalised ops), all knowledge of Dynamo graphs lives here.
 
 :func:`find_sites` returns one :class:`Site` per tensor the backend could quantize:
 
@@ -31,7 +32,6 @@ mask or a 4-d attention mask, see :mod:`stamp_fx.padding`); the pass turns it in
 from __future__ import annotations
 
 import operator
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -41,6 +41,19 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .fx_values import example_tensor as _example
+from .graph_ops import (
+    MAX_TRACE_NODES,
+    AttentionCore,
+    find_attention_cores,
+    is_linear,
+    linear_operands,
+    looks_causal,
+    module_fqn,
+    shape_str,
+    trace_back,
+    trace_forward,
+    unrecognised_linears,
+)
 from .kv_cache import CacheWrite, find_cache_write
 
 __all__ = [
@@ -55,70 +68,6 @@ __all__ = [
     "is_decode_graph",
     "mask_matches",
 ]
-
-_LINEAR_FUNCTIONS = {torch._C._nn.linear, F.linear, torch.ops.aten.linear.default}
-# target -> (index of the activation, index of the weight): ``activation @ weight``
-_MATMUL_FUNCTIONS = {
-    torch.addmm: (1, 2),
-    torch.ops.aten.addmm.default: (1, 2),
-    torch.baddbmm: (1, 2),
-    torch.mm: (0, 1),
-    torch.ops.aten.mm.default: (0, 1),
-    torch.bmm: (0, 1),
-    torch.ops.aten.bmm.default: (0, 1),
-    torch.matmul: (0, 1),
-    operator.matmul: (0, 1),
-}
-_MATMUL_METHODS = {"matmul": (0, 1), "mm": (0, 1), "bmm": (0, 1), "__matmul__": (0, 1)}
-_EINSUM_FUNCTIONS = {torch.einsum, torch.functional.einsum}
-# What a weight may pass through on its way to a matmul (transposes, casts, broadcasts).
-_WEIGHT_METHODS = {
-    "to", "t", "float", "half", "bfloat16", "transpose", "permute", "expand", "unsqueeze",
-    "contiguous", "detach", "type_as", "view", "reshape",
-}  # fmt: skip
-_WEIGHT_FUNCTIONS = {torch.t, torch.transpose, torch.permute, torch.unsqueeze}
-_WEIGHT_ATTRS = {"T", "mT", "H", "mH"}
-_SDPA_FUNCTIONS = {
-    torch._C._nn.scaled_dot_product_attention,
-    F.scaled_dot_product_attention,
-    torch.ops.aten.scaled_dot_product_attention.default,
-}
-_SOFTMAX_FUNCTIONS = {
-    F.softmax,
-    torch.softmax,
-    torch.Tensor.softmax,
-    torch.ops.aten._softmax.default,
-}
-_SCORE_MATMULS = {torch.matmul, operator.matmul, torch.bmm, torch.ops.aten.bmm.default}
-
-# Ops that only move or rescale data (layout, dtype, RoPE arithmetic): roles are traced through them.
-_PASS_METHODS = {
-    "view", "reshape", "transpose", "permute", "contiguous", "to", "float", "half", "bfloat16",
-    "type_as", "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "repeat", "clone",
-    "split", "chunk", "narrow", "mul", "add", "neg", "sub", "div", "repeat_interleave",
-}  # fmt: skip
-_PASS_FUNCTIONS = {
-    operator.getitem, operator.mul, operator.add, operator.neg, operator.sub, operator.truediv,
-    torch.transpose, torch.reshape, torch.permute, torch.flatten, torch.unsqueeze, torch.squeeze,
-    torch.cat, torch.mul, torch.add, torch.neg, torch.split, torch.chunk, torch.repeat_interleave,
-    F.dropout, torch.Tensor.contiguous,
-}  # fmt: skip
-# Pure layout ops: the only ones followed forward from an attention output to its projection.
-_LAYOUT_METHODS = {
-    "view",
-    "reshape",
-    "transpose",
-    "permute",
-    "contiguous",
-    "to",
-    "flatten",
-    "float",
-    "half",
-    "bfloat16",
-}
-_LAYOUT_FUNCTIONS = {torch.transpose, torch.reshape, torch.permute, torch.flatten, F.dropout}
-
-_MAX_TRACE_NODES = 64
 
 
 @dataclass
@@ -154,289 +103,6 @@ class Site:
     @property
     def quantizable(self) -> bool:
         return self.reason is None
-
-
-@dataclass
-class AttentionCore:
-    """One attention computation: SDPA, or eager ``softmax(q @ k^T) @ v``."""
-
-    node: fx.Node  # the SDPA node, or the final matmul of eager attention
-    q: fx.Node
-    k: fx.Node
-    v: fx.Node
-    kind: str  # "sdpa" | "eager"
-    k_index: int | None = None  # positions of k / v in node.args (SDPA only)
-    v_index: int | None = None
-
-
-# -- small graph helpers --------------------------------------------------------------------
-
-
-def _shape_str(t: torch.Tensor | None) -> tuple[str, ...]:
-    return () if t is None else tuple(str(s) for s in t.shape)
-
-
-_FQN_SOURCE = re.compile(r"^L\[[^\]]*\](\[\d+\])?")
-_FQN_PART = re.compile(r"\.(\w+)|\['([^']*)'\]|\[(\d+)\]")
-_FQN_NOISE = {"__dict__", "_modules"}
-
-
-def normalize_path(path: str) -> str:
-    """Dynamo source path -> module FQN: ``"L['self'].__dict__['_modules']['blocks'][0].attn"``
-    and ``"L['args'][0].model.layers.0.q_proj"`` become ``"blocks.0.attn"`` / ``"model.layers.0.q_proj"``."""
-    rest = _FQN_SOURCE.sub("", path)
-    parts = [next(g for g in m.groups() if g is not None) for m in _FQN_PART.finditer(rest)]
-    return ".".join(p for p in parts if p not in _FQN_NOISE)
-
-
-def module_fqn(node: fx.Node) -> str | None:
-    """FQN of the innermost module a node was traced in (``nn_module_stack``)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    path, _cls = list(stack.values())[-1]
-    return normalize_path(str(path))
-
-
-def _is_weight(gm: fx.GraphModule, node: object) -> bool:
-    """True for a parameter: a lifted placeholder, a get_attr, possibly behind a dtype cast."""
-    if not isinstance(node, fx.Node):
-        return False
-    if node.op == "call_method" and node.target in _WEIGHT_METHODS:
-        return _is_weight(gm, node.args[0])
-    if node.op == "call_function" and node.target in _WEIGHT_FUNCTIONS:
-        return _is_weight(gm, node.args[0])
-    if (
-        node.op == "call_function"
-        and node.target is getattr
-        and len(node.args) == 2
-        and node.args[1] in _WEIGHT_ATTRS
-    ):
-        return _is_weight(gm, node.args[0])
-    if node.op == "get_attr":
-        try:
-            return isinstance(gm.get_parameter(node.target), torch.nn.Parameter)
-        except AttributeError:
-            return isinstance(getattr(gm, str(node.target), None), torch.nn.Parameter)
-    if node.op == "placeholder":
-        arg = node.meta.get("grapharg")
-        example = getattr(arg, "example", None)
-        if example is not None:
-            return isinstance(example, torch.nn.Parameter)
-        return "_parameters_" in node.name
-    return False
-
-
-def _is_pass_through(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _PASS_METHODS
-    return node.op == "call_function" and node.target in _PASS_FUNCTIONS
-
-
-def _is_layout(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _LAYOUT_METHODS
-    return node.op == "call_function" and node.target in _LAYOUT_FUNCTIONS
-
-
-def _walk(starts: Iterable[fx.Node], stop, follow, step) -> set[fx.Node]:
-    """Nodes satisfying ``stop`` reached from ``starts`` by repeatedly taking ``step(n)`` of the
-    nodes ``n`` that ``follow`` accepts (bounded, so a huge graph cannot make it quadratic)."""
-    found: set[fx.Node] = set()
-    todo, seen = list(starts), set()
-    while todo and len(seen) < _MAX_TRACE_NODES:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if stop(n):
-            found.add(n)
-        elif follow(n):
-            todo.extend(step(n))
-    return found
-
-
-def _trace_back(start: object, stop) -> set[fx.Node]:
-    """Nodes satisfying ``stop`` reached backwards from ``start`` through pass-through ops."""
-    if not isinstance(start, fx.Node):
-        return set()
-    return _walk([start], stop, _is_pass_through, lambda n: n.all_input_nodes)
-
-
-def _trace_forward(start: fx.Node, stop) -> set[fx.Node]:
-    """Nodes satisfying ``stop`` reached forwards from ``start`` through layout-only ops."""
-
-    def follow(n: fx.Node) -> bool:
-        return _is_layout(n) or (n.op == "call_function" and n.target is operator.getitem)
-
-    return _walk(start.users, stop, follow, lambda n: n.users)
-
-
-# -- linear layers ---------------------------------------------------------------------------
-
-
-def _linear_operands(gm: fx.GraphModule, node: fx.Node) -> tuple[int, object] | None:
-    """(activation arg index, weight) if ``node`` is a linear layer, else None.
-
-    A linear layer is ``F.linear`` / ``nn.Linear``, or ``activation @ weight`` written with
-    ``@`` / ``matmul`` / ``mm`` / ``bmm`` / ``addmm`` / ``baddbmm`` (GPT-2's ``Conv1D``, an
-    ``nn.Linear`` subclass whose forward is ``x @ self.weight.T + self.bias``), or a two-operand
-    ``einsum`` that contracts the activation's last axis with a weight; the weight is a parameter,
-    possibly behind a transpose, cast or broadcast (``.T``, ``.t()``, ``.to()``, ``.expand()``)."""
-    if node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
-        return 0, node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    indices = None
-    if node.op == "call_function":
-        indices = _MATMUL_FUNCTIONS.get(node.target)
-    elif node.op == "call_method":
-        indices = _MATMUL_METHODS.get(str(node.target))
-    if indices is not None:
-        xi, wi = indices
-        if (
-            len(node.args) > wi
-            and _is_weight(gm, node.args[wi])
-            and not _is_weight(gm, node.args[xi])
-        ):
-            return xi, node.args[wi]
-        return None
-    if node.op == "call_function" and node.target in _EINSUM_FUNCTIONS:
-        return _einsum_operands(gm, node)
-    if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
-        if isinstance(mod, torch.nn.Linear):
-            return 0, mod.weight
-    return None
-
-
-def _einsum_operands(gm: fx.GraphModule, node: fx.Node) -> tuple[int, object] | None:
-    """``einsum("...d,ed->...e", x, w)``-style: two positional operands, one a weight, the
-    activation's last subscript contracted with the weight (so its last axis is the features)."""
-    if len(node.args) != 3 or not isinstance(node.args[0], str):
-        return None
-    equation = node.args[0].replace(" ", "")
-    lhs, arrow, out = equation.partition("->")
-    subs = lhs.split(",")
-    if len(subs) != 2:
-        return None
-    weights = [_is_weight(gm, a) for a in node.args[1:]]
-    if weights.count(True) != 1:
-        return None
-    wi = weights.index(True)
-    xi = 1 - wi
-    x_sub, w_sub = subs[xi], subs[wi]
-    if not x_sub or not x_sub[-1].isalpha():
-        return None
-    last = x_sub[-1]
-    contracted = (last not in out) if arrow else (lhs.count(last) > 1)
-    if last not in w_sub or not contracted:
-        return None
-    return xi + 1, node.args[wi + 1]
-
-
-def _is_linear_like(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A matmul-family call with a parameter operand (linear or not): what a model's linears
-    look like when :func:`_linear_operands` does not recognise them."""
-    if node.op == "call_function":
-        family = (
-            node.target in _LINEAR_FUNCTIONS
-            or node.target in _MATMUL_FUNCTIONS
-            or node.target in _EINSUM_FUNCTIONS
-        )
-    else:
-        family = node.op == "call_method" and str(node.target) in _MATMUL_METHODS
-    if not family:
-        return False
-    operands = [a for a in node.args if isinstance(a, fx.Node)]
-    for a in node.args:
-        if isinstance(a, (list, tuple)):
-            operands.extend(x for x in a if isinstance(x, fx.Node))
-    return any(_is_weight(gm, a) for a in operands)
-
-
-def unrecognised_linears(gm: fx.GraphModule) -> list[str]:
-    """``"<module FQN> (<op>)"`` for every matmul-family call on a parameter that is not
-    recognised as a linear layer's input (so it is never quantized)."""
-    out = []
-    for node in gm.graph.nodes:
-        if _is_linear_like(gm, node) and _linear_operands(gm, node) is None:
-            op = (
-                node.target
-                if isinstance(node.target, str)
-                else getattr(node.target, "__name__", str(node.target))
-            )
-            out.append(f"{module_fqn(node) or node.name} ({op})")
-    return out
-
-
-def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return _linear_operands(gm, node) is not None
-
-
-# -- attention -------------------------------------------------------------------------------
-
-
-def _sdpa_arg(node: fx.Node, index: int, name: str) -> tuple[object, int | None]:
-    if len(node.args) > index:
-        return node.args[index], index
-    return node.kwargs.get(name), None
-
-
-def find_attention_cores(gm: fx.GraphModule) -> list[AttentionCore]:
-    cores = []
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _SDPA_FUNCTIONS:
-            q, _ = _sdpa_arg(node, 0, "query")
-            k, ki = _sdpa_arg(node, 1, "key")
-            v, vi = _sdpa_arg(node, 2, "value")
-            if all(isinstance(t, fx.Node) for t in (q, k, v)):
-                cores.append(AttentionCore(node, q, k, v, "sdpa", ki, vi))
-        elif _is_softmax(node):
-            core = _eager_core(node)
-            if core is not None:
-                cores.append(core)
-    return cores
-
-
-def _is_softmax(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target == "softmax"
-    return node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS
-
-
-def _is_score_matmul(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in _SCORE_MATMULS
-
-
-def _eager_core(softmax: fx.Node) -> AttentionCore | None:
-    """``softmax(q @ k^T [* scale] [+ mask]) [dropout] @ v`` -> an AttentionCore."""
-    scores = _trace_back(softmax.args[0], _is_score_matmul)
-    outs = [u for u in _trace_forward(softmax, _is_score_matmul)]
-    if len(scores) != 1 or len(outs) != 1:
-        return None
-    (score,), (out,) = scores, outs
-    return AttentionCore(out, score.args[0], score.args[1], out.args[1], "eager")
-
-
-def looks_causal(gm: fx.GraphModule) -> bool:
-    """Whether the graph is a causal LM: some SDPA call has ``is_causal=True`` or the model
-    modules are decoder layers (``*DecoderLayer``) or a ``*ForCausalLM`` / ``*LMHeadModel``
-    class. The root module is not in ``nn_module_stack``, and a padded batch (an
-    ``attention_mask``) gives SDPA an explicit causal mask with ``is_causal=False``, so the
-    decoder-layer class is what still says "causal" there."""
-    for node in gm.graph.nodes:
-        if (
-            node.op == "call_function"
-            and node.target in _SDPA_FUNCTIONS
-            and node.kwargs.get("is_causal") is True
-        ):
-            return True
-        for _path, cls in (node.meta.get("nn_module_stack") or {}).values():
-            name = getattr(cls, "__name__", str(cls))
-            if name.endswith(("ForCausalLM", "LMHeadModel", "DecoderLayer")) or (
-                "CausalLM" in name or "DecoderLayer" in name
-            ):
-                return True
-    return False
 
 
 # -- sites -----------------------------------------------------------------------------------
@@ -496,7 +162,7 @@ def _flatten_source(node: fx.Node) -> fx.Node | None:
     t = _example(node)
     feat = _static_int(t.shape[-1]) if t is not None and t.ndim else None
     best = None
-    for _ in range(_MAX_TRACE_NODES):
+    for _ in range(MAX_TRACE_NODES):
         if not _is_chain_op(node):
             break
         src = node.args[0]
@@ -517,7 +183,7 @@ def _row_source(gm: fx.GraphModule, x: fx.Node) -> fx.Node | None:
     where an ancestor is a flattening of it; None if there is none."""
     rows = _example(x).shape[0]
     todo, seen = [x], set()
-    while todo and len(seen) < _MAX_TRACE_NODES:
+    while todo and len(seen) < MAX_TRACE_NODES:
         n = todo.pop()
         if n in seen or not isinstance(n, fx.Node):
             continue
@@ -530,7 +196,7 @@ def _row_source(gm: fx.GraphModule, x: fx.Node) -> fx.Node | None:
             st = _example(src)
             if _same_size(st.shape[0] * st.shape[1], rows):
                 return src
-        operands = _linear_operands(gm, n)
+        operands = linear_operands(gm, n)
         if operands is not None:
             todo.append(n.args[operands[0]])
         elif (n.op == "call_function" and n.target in _ROWWISE_FUNCTIONS) or (
@@ -562,7 +228,7 @@ def _sequence_origin(
     chain: list[fx.Node] = []
     best: tuple[fx.Node, tuple[fx.Node, ...]] | None = None
     node = x
-    while _is_chain_op(node) and len(chain) < _MAX_TRACE_NODES:
+    while _is_chain_op(node) and len(chain) < MAX_TRACE_NODES:
         src = node.args[0]
         src_t = _example(src)
         if src_t is None or src_t.ndim == 0 or _moves_last_axis(node, src_t.ndim):
@@ -604,10 +270,10 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
     for core in cores:
         by_arg = {}
         for arg_name, arg in (("q", core.q), ("k", core.k), ("v", core.v)):
-            by_arg[arg_name] = _trace_back(arg, lambda n: _is_linear(gm, n))
+            by_arg[arg_name] = trace_back(arg, lambda n: is_linear(gm, n))
             for lin in by_arg[arg_name]:
                 roles.setdefault(lin, set()).add(arg_name)
-        for lin in _trace_forward(core.node, lambda n: _is_linear(gm, n)):
+        for lin in trace_forward(core.node, lambda n: is_linear(gm, n)):
             roles.setdefault(lin, set()).add("attn_out")
         # Cross-attention: K/V projections read a different tensor than the Q projection.
         q_inputs = {_activation(gm, lin) for lin in by_arg["q"]}
@@ -618,7 +284,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
 
     sites: list[Site] = []
     for node in gm.graph.nodes:
-        operands = _linear_operands(gm, node)
+        operands = linear_operands(gm, node)
         if operands is None:
             continue
         index, weight = operands
@@ -640,7 +306,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
                 seq_dim=seq_dim,
                 shape=_unflattened_shape(origin, unflatten)
                 if unflatten is not None
-                else _shape_str(_example(origin if origin is not None else node.args[index])),
+                else shape_str(_example(origin if origin is not None else node.args[index])),
                 features=features,
                 in_block=_in_block(fqn),
                 cross=node in cross_linears,
@@ -658,7 +324,7 @@ def _unflattened_shape(origin: fx.Node, source: fx.Node) -> tuple[str, ...]:
 
 
 def _activation(gm: fx.GraphModule, lin: fx.Node) -> object:
-    ops = _linear_operands(gm, lin)
+    ops = linear_operands(gm, lin)
     return lin.args[ops[0]] if ops else None
 
 
@@ -717,7 +383,7 @@ def _kv_sites(cores: Iterable[AttentionCore], cross_cores: set[fx.Node]) -> list
                     arg_index=idx if idx is not None else -1,
                     origin=arg if reason is None else None,
                     seq_dim=2 if reason is None else None,
-                    shape=_shape_str(t),
+                    shape=shape_str(t),
                     features=_static_int(t.shape[-1]) if t is not None and t.ndim else None,
                     in_block=_in_block(fqn),
                     cross=cross,
@@ -739,7 +405,7 @@ def _write_site(fqn: str, slot: str, write: CacheWrite, cross: bool) -> Site:
         arg_index=-1,
         origin=write.new,
         seq_dim=2,
-        shape=_shape_str(t),
+        shape=shape_str(t),
         features=_static_int(t.shape[-1]),
         in_block=_in_block(fqn),
         cross=cross,

@@ -9,7 +9,7 @@ rejected when Inductor is off. Every compiled graph is kept in ``StampCompiler.r
 Decode: a graph whose attention query is one token reading a longer KV cache
 (:func:`stamp_fx.analysis.is_decode_graph`) is planned with ``decode=True`` (its one-token linear
 inputs, and with ``quantize_kv`` the new token's K/V at the cache write, get ``decode_bits``,
-see :func:`stamp_fx.policy.decode_policy` and :mod:`stamp_fx.kv_cache`). ``with
+see :func:`stamp_fx.planner.decode_policy` and :mod:`stamp_fx.kv_cache`). ``with
 compiler.bit_meter() as meter:`` counts, call by call, the average activation bits of what the
 compiled graphs quantize (prefill and decode apart; :func:`generation_bits` wraps a
 ``generate()``).
@@ -47,7 +47,7 @@ from .debug import DebugWriter, format_site_table, resolve_debug_dir
 from .lowering import DEFAULT_LOWERING, get_lowering
 from .passes import EAGER_PASSES, PASSES, PassContext, PassRecord, run_passes
 from .plan import AllocationPlan, load_plan
-from .policy import fit_plan, plan_sites
+from .planner import fit_plan, plan_sites
 
 __all__ = [
     "StampCompiler",

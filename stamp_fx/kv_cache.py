@@ -13,7 +13,7 @@ A Hugging Face ``Cache`` traced by Dynamo leaves its update in the graph:
 through layout ops (slices, ``repeat_kv``'s expand/reshape, casts), to such an update and
 returns ``new``: the K/V of the tokens this call adds, after RoPE, before the cache. Quantizing
 ``new`` there means the cache stores quantized values and attention reads them, and entries
-already in the cache are never quantized again (see ``policy.py`` for the rule each block
+already in the cache are never quantized again (see ``planner.py`` for the rule each block
 gets). None means no cache update was recognised: the caller then quantizes the attention
 input itself (correct without a cache; in a decode step the site is skipped, since that input
 holds the cached entries).

@@ -125,7 +125,7 @@ def test_json_round_trip_keeps_repeated_override_patterns():
 
 def test_override_order_decides_the_winner_after_a_round_trip():
     from stamp_fx.analysis import Site
-    from stamp_fx.policy import build_plan
+    from stamp_fx.planner import build_plan
 
     site = Site(
         fqn="layers.0.q_proj", slot="in", role="q", consumer=None, arg_index=0, origin=None,

@@ -104,7 +104,7 @@ def test_policy_rotation_block_and_reference(block, expected):
 
 def test_a_block_that_does_not_divide_the_site_is_a_reasoned_skip():
     from stamp_fx.analysis import Site
-    from stamp_fx.policy import site_conflict
+    from stamp_fx.planner import site_conflict
 
     site = Site(
         fqn="m.layers.0.q", slot="in", role="q", consumer=None, arg_index=0, origin=None,
