@@ -7,7 +7,9 @@
 * :mod:`.cache`: :class:`StampSourcePass`, which keys Inductor's FX graph cache on stamp-fx's
   own source (and the lowering's name) so an upgrade never reuses code compiled against an
   older op, nor one lowering another's;
-* :mod:`.decompositions`: ``stamp::fake_quant`` as ATen ops for Inductor to fuse;
+* :mod:`.decompositions`: ``stamp::fake_quant`` as ATen ops for Inductor to fuse, and their
+  installation in Inductor's table; :mod:`.traceable_transforms` the sequence transforms'
+  traceable twins it is built on;
 * :mod:`.triton_haar`: the hand-written fused Haar kernels' specification, tiling and
   launcher; :mod:`.haar_rows` the ``rows`` kernel (1-D tiles of up to 32 tokens, haar2d's
   square tiles); :mod:`.haar_slab` the ``slab`` kernel (any depth); :mod:`.haar_ops` the

@@ -17,8 +17,8 @@ from torch import Tensor
 from torch.library import triton_op
 
 from stamp_fx.ops import per_real_row
-from stamp_fx.plan import SitePolicy
 
+from .kernel_choice import haar_kernel_policy
 from .symbolic import haar_levels
 from .triton_haar import MAX_LEVELS, haar_fake_quant
 
@@ -82,10 +82,9 @@ def haar_fake_quant_dynamic_op(
     seq = x.shape[-2]
     depth = haar_levels(max(0, seq - sink_tokens), levels, max(1, high_tokens))
     if depth > MAX_LEVELS:
-        policy = SitePolicy(
-            levels=None if levels < 0 else levels, sink_tokens=sink_tokens,
-            high_tokens=high_tokens, high_bits=high_bits, low_bits=low_bits, symmetric=symmetric,
-        )  # fmt: skip
+        policy = haar_kernel_policy(
+            levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric
+        )
         return policy.apply_sequence(x, -2).contiguous()
     return haar_fake_quant(x, depth, sink_tokens, high_tokens, high_bits, low_bits, symmetric)
 

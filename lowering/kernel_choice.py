@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx
 
+from stamp_fx.fx_values import example_tensor
 from stamp_fx.plan import SitePolicy
 
 from .symbolic import symbolic_length
@@ -54,13 +55,6 @@ class Choice:
     label: str
     target: object = None
     args: tuple = ()
-
-
-def _value(node: object) -> Tensor | None:
-    if not isinstance(node, fx.Node):
-        return None
-    value = node.meta.get("val", node.meta.get("example_value"))
-    return value if isinstance(value, Tensor) else None
 
 
 def _bound_arguments(op: torch._ops.OpOverload, node: fx.Node) -> list:
@@ -91,7 +85,7 @@ def _concrete_arg(arg):
 
 
 def _fallback(policy: SitePolicy, x: Tensor, seq_dim: int) -> Choice:
-    from .decompositions import traceable_transform
+    from .traceable_transforms import traceable_transform
 
     cls = traceable_transform(policy.transform)
     if cls is None or policy.autocorr_key is not None:
@@ -101,8 +95,22 @@ def _fallback(policy: SitePolicy, x: Tensor, seq_dim: int) -> Choice:
     return Choice(DECOMPOSED)
 
 
+def haar_kernel_policy(
+    levels: int, sink_tokens: int, high_tokens: int, high_bits: int, low_bits: int,
+    symmetric: bool, grid: tuple[int, int] | None = None,
+) -> SitePolicy:  # fmt: skip
+    """The inverse of :func:`_haar_kernel_args`: the policy a Haar kernel op's arguments encode
+    (for an op that falls back to the reference)."""
+    return SitePolicy(
+        transform="haar" if grid is None else "haar2d", grid=grid,
+        levels=None if levels < 0 else levels, sink_tokens=sink_tokens, high_tokens=high_tokens,
+        high_bits=high_bits, low_bits=low_bits, symmetric=symmetric,
+    )  # fmt: skip
+
+
 def _haar_kernel_args(policy: SitePolicy) -> tuple:
-    """The policy as the Haar kernel ops take it (after the tensor arguments)."""
+    """The policy as the Haar kernel ops take it (after the tensor arguments; a haar2d op takes
+    the grid's height and width first); :func:`haar_kernel_policy` decodes it."""
     levels = -1 if policy.levels is None else policy.levels
     return (
         levels, policy.sink_tokens, policy.high_tokens, policy.high_bits, policy.low_bits,
@@ -116,7 +124,7 @@ def _choose_fake_quant(node: fx.Node, hand_written: bool) -> Choice:
     op = torch.ops.stamp.fake_quant.default
     args = _bound_arguments(op, node)
     args = [args[0], *(_concrete_arg(a) for a in args[1:])]
-    x, seq_dim, autocorr = _value(args[0]), args[1], args[-1]
+    x, seq_dim, autocorr = example_tensor(args[0]), args[1], args[-1]
     if x is None:
         return Choice(DECOMPOSED)
     try:
@@ -143,7 +151,7 @@ def _choose_fake_quant(node: fx.Node, hand_written: bool) -> Choice:
 def _choose_hadamard(node: fx.Node, hand_written: bool) -> Choice:
     op = torch.ops.stamp.hadamard.default
     args = _bound_arguments(op, node)
-    x, block = _value(args[0]), _concrete_arg(args[1])
+    x, block = example_tensor(args[0]), _concrete_arg(args[1])
     if x is None or not hand_written or x.device.type != "cuda" or not isinstance(block, int):
         return Choice(DECOMPOSED)
     from . import hadamard_kernel
@@ -162,7 +170,7 @@ def _choose_masked(node: fx.Node, hand_written: bool) -> Choice:
     op = torch.ops.stamp.fake_quant_masked.default
     args = _bound_arguments(op, node)
     args = [args[0], args[1], *(_concrete_arg(a) for a in args[2:])]
-    x, seq_dim, autocorr = _value(args[0]), args[2], args[-1]
+    x, seq_dim, autocorr = example_tensor(args[0]), args[2], args[-1]
     if x is None or autocorr is not None or not hand_written or x.device.type != "cuda":
         return Choice(REFERENCE)
     try:

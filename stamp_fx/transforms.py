@@ -14,10 +14,10 @@ Contract of every transform ``T`` (an instance of :class:`SequenceTransform`):
 Costs: ``haar``/``haar2d`` O(S*D), ``wht`` O(S*D*log S) (butterflies, no dense matrix), ``dct`` and
 ``klt`` one cached dense S x S matrix.
 
-Size (about 460 lines, one job): every sequence transform of the registry is here (30 to 80
-lines each), with the feature-axis rotation at the end. It is kept whole until the lowering's
-parallel registry (``lowering/decompositions.py``) is merged into this one, which will give
-each transform its reference and traceable form side by side.
+Size (about 530 lines, one job): every sequence transform of the registry is here (30 to 80
+lines each), with the feature-axis rotation at the end; splitting them would scatter one
+registry over files. Each transform's traceable twin (``lowering/traceable_transforms.py``) is
+registered on its class (``traceable``), so one registry entry holds both forms.
 """
 
 from __future__ import annotations
@@ -125,9 +125,10 @@ class SequenceTransform(ABC):
 
     name: ClassVar[str] = "?"
     traceable: ClassVar[type | None] = None
-    """Its traceable twin for Inductor (a ``lowering.decompositions.TransformDecomposition``),
-    set when the lowering registers one; None: Inductor calls the reference (an extern call).
-    Kept on the class so that a transform and its decomposition are one registry entry."""
+    """Its traceable twin for Inductor (a
+    ``lowering.traceable_transforms.TransformDecomposition``), set when the lowering registers
+    one; None: Inductor calls the reference (an extern call). Kept on the class so that a
+    transform and its decomposition are one registry entry."""
 
     @classmethod
     def from_settings(

@@ -133,3 +133,37 @@ def test_invalid_grid_arguments_raise_clear_errors():
         triton_haar.haar_fake_quant(x, 4, grid=(4, 4))
     with pytest.raises(ValueError, match="variant: haar2d runs on the 'rows' kernel only"):
         triton_haar.haar_fake_quant(x, 1, grid=(4, 4), variant="slab")
+
+
+@settings(max_examples=25)
+@given(
+    grid=st.none() | st.tuples(st.integers(1, 64), st.integers(1, 64)),
+    levels=st.none() | st.integers(0, 8),
+    sinks=st.integers(0, 3),
+    high_tokens=st.integers(0, 128),
+    bits=st.tuples(st.integers(2, 16), st.integers(2, 16)),
+    symmetric=st.booleans(),
+)
+def test_kernel_arguments_decode_to_the_policy_they_encode(
+    grid, levels, sinks, high_tokens, bits, symmetric
+):
+    from stamp_fx.lowering.kernel_choice import _haar_kernel_args, haar_kernel_policy
+
+    policy = SitePolicy(
+        transform="haar" if grid is None else "haar2d", grid=grid, levels=levels,
+        sink_tokens=sinks, high_tokens=high_tokens, high_bits=max(bits), low_bits=min(bits),
+        symmetric=symmetric,
+    )  # fmt: skip
+    assert haar_kernel_policy(*_haar_kernel_args(policy), grid=grid) == policy
+
+
+def test_dynamic_op_past_the_kernel_depth_runs_the_reference():
+    """600 tokens at target 1 resolve to more Haar levels than the kernel takes: the dynamic op
+    decodes its arguments back to the policy and runs the reference; 40 tokens run the kernel."""
+    from stamp_fx.lowering.symbolic import haar_levels
+
+    assert haar_levels(600, -1, 1) > triton_haar.MAX_LEVELS  # the premise
+    for seq in (600, 40):
+        x = randn((1, seq, 4), seq).to(DEVICE)
+        out = torch.ops.stamp.haar_fake_quant_dynamic(x, -1, 1, 1, 8, 4, False)
+        assert torch.equal(out, SitePolicy(sink_tokens=1, high_tokens=1).apply_sequence(x, -2))
