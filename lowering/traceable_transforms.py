@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from stamp_fx.plan import SitePolicy
-from stamp_fx.transforms import TRANSFORMS, _sequency_order, transform_class
+from stamp_fx.transforms import TRANSFORMS, _fwht0, _sequency_order, transform_class
 
 from .symbolic import IntLike, ceil_to, haar_levels, next_pow2_bracket
 
@@ -267,18 +267,11 @@ class WHTDecomposition(TransformDecomposition):
         return torch.tensor(inverse, device=like.device)
 
     def _fwht0(self, x0: Tensor) -> Tensor:
-        """The reference's butterflies, op for op. (Writing each stage as ``a + sign * b`` on
-        expanded views, as the Haar inverse does, makes every stage index arithmetic; over
-        ``log2 n`` stages that slows Inductor's C++ code generation twofold for no gain.)"""
-        n = self.size
-        flat = x0.reshape(n, -1)
-        h = 1
-        while h < n:
-            pairs = flat.view(n // (2 * h), 2, h, flat.shape[1])
-            a, b = pairs[:, 0], pairs[:, 1]
-            flat = torch.stack((a + b, a - b), 1).view(n, -1)
-            h *= 2
-        return flat.view(x0.shape)
+        """The reference's butterflies, op for op, on the padded power-of-two size. (Writing each
+        stage as ``a + sign * b`` on expanded views, as the Haar inverse does, makes every stage
+        index arithmetic; over ``log2 n`` stages that slows Inductor's C++ code generation
+        twofold for no gain.)"""
+        return _fwht0(x0, self.size)
 
     def forward(self, x0: Tensor) -> Tensor:
         padded = _pad0(x0, self.size, self.length)

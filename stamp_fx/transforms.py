@@ -399,9 +399,10 @@ def _sequency_order(n: int) -> tuple[int, ...]:
     return tuple(bitrev(k ^ (k >> 1)) for k in range(n))
 
 
-def _fwht0(x0: Tensor) -> Tensor:
-    """Unnormalised fast Walsh-Hadamard transform along dim 0 (natural order), n = 2**m."""
-    n = x0.shape[0]
+def _fwht0(x0: Tensor, n: int | None = None) -> Tensor:
+    """Unnormalised fast Walsh-Hadamard transform along dim 0 (natural order), n = 2**m
+    (``n``: dim 0's size as a plain int, for a traced tensor whose size is symbolic)."""
+    n = x0.shape[0] if n is None else n
     flat = x0.reshape(n, -1)
     h = 1
     while h < n:
