@@ -10,11 +10,13 @@
 * :mod:`.decompositions`: ``stamp::fake_quant`` as ATen ops for Inductor to fuse, and their
   installation in Inductor's table; :mod:`.traceable_transforms` the sequence transforms'
   traceable twins it is built on;
-* :mod:`.triton_haar`: the hand-written fused Haar kernels' specification, tiling and
-  launcher; :mod:`.haar_rows` the ``rows`` kernel (1-D tiles of up to 32 tokens, haar2d's
-  square tiles); :mod:`.haar_slab` the ``slab`` kernel (any depth); :mod:`.haar_ops` the
-  ``torch`` ops on them; :mod:`.triton_common` their shared device functions; :mod:`.hadamard_kernel` the feature-rotation kernel; :mod:`.kernel_analysis` a
-  cache of torch's per-launch analysis of them (all imported lazily: they import Triton);
+* :mod:`.triton_haar`: the hand-written fused Haar kernels' specification, tiling and launcher;
+  :mod:`.haar_rows` the ``rows`` kernel (1-D tiles of up to 32 tokens, and haar2d's square
+  tiles, whose butterflies and positions are in :mod:`.haar_grid`); :mod:`.haar_slab` the
+  ``slab`` kernel (any depth); :mod:`.haar_ops` the ``torch`` ops on them; :mod:`.triton_common`
+  their shared device functions; :mod:`.hadamard_kernel` the feature-rotation kernel;
+  :mod:`.kernel_analysis` a cache of torch's per-launch analysis of them (all imported lazily:
+  they import Triton);
 * :mod:`.symbolic`: the few shape questions that need a concrete answer, and their guards.
 """
 

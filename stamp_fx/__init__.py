@@ -20,7 +20,8 @@ from .allocation import (
     solve_token_bits,
 )
 from .api import calibrate, explain
-from .backend import BitMeter, CompileRecord, StampCompiler, generation_bits, stamp_backend
+from .backend import CompileRecord, StampCompiler, generation_bits, stamp_backend
+from .bit_meter import BitMeter
 from .config import CONFIG_VERSION, StampConfig
 from .plan import AllocationPlan, SitePolicy, load_plan
 from .quantizer import TokenBits, compute_qparams, dequantize, fake_quant, quantize

@@ -11,8 +11,8 @@ Decode: a graph whose attention query is one token reading a longer KV cache
 inputs, and with ``quantize_kv`` the new token's K/V at the cache write, get ``decode_bits``,
 see :func:`stamp_fx.planner.decode_policy` and :mod:`stamp_fx.kv_cache`). ``with
 compiler.bit_meter() as meter:`` counts, call by call, the average activation bits of what the
-compiled graphs quantize (prefill and decode apart; :func:`generation_bits` wraps a
-``generate()``).
+compiled graphs quantize (prefill and decode apart, :mod:`stamp_fx.bit_meter`;
+:func:`generation_bits` wraps a ``generate()``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from .analysis import (
     looks_causal,
     unrecognised_linears,
 )
+from .bit_meter import BitMeter, graph_bits
 from .config import (
     SOLVER_FIELDS,
     BackendOptions,
@@ -52,8 +53,6 @@ from .planner import fit_plan, plan_sites
 __all__ = [
     "StampCompiler",
     "CompileRecord",
-    "BitMeter",
-    "graph_bits",
     "generation_bits",
     "stamp_backend",
     "INDUCTOR_MODES",
@@ -277,80 +276,6 @@ def _is_decode(gm: fx.GraphModule) -> bool:
         return is_decode_graph(gm)
     except Exception:  # an unforeseen graph shape: plan it as a prefill
         return False
-
-
-def graph_bits(sites: Sequence[Site], plan: AllocationPlan) -> tuple[float, int] | None:
-    """``(sum of bits, elements)`` over the tensors one call of a graph quantizes (each
-    quantized tensor once, however many linears read it; a Haar transform's zero padding
-    counted, since its coefficients are stored too), or None when a quantized tensor has a
-    symbolic size. Unquantized sites (LM head, skipped) are not activations at low bits and
-    are left out: the average is over what STaMP quantizes."""
-    bit_sum, elements, seen = 0.0, 0, set()
-    for site in sites:
-        policy = plan.sites.get(site.key)
-        if policy is None or site.origin is None or site.seq_dim is None:
-            continue
-        ident = (site.origin, site.seq_dim)
-        if ident in seen:
-            continue
-        seen.add(ident)
-        if not site.shape or not all(d.isdigit() for d in site.shape):
-            return None
-        shape = [int(d) for d in site.shape]
-        length = shape[site.seq_dim]
-        numel = 1
-        for d in shape:
-            numel *= d
-        if length == 0 or numel == 0:
-            continue
-        try:
-            transform = policy.make_transform(plan.tensors)
-        except ValueError:  # klt before calibration has filled in its basis
-            return None
-        vector = policy.bit_vector(transform, length)
-        bit_sum += sum(vector) * (numel // length)
-        elements += numel
-    return bit_sum, elements
-
-
-@dataclass
-class BitMeter:
-    """Average activation bits over the calls it saw, prefill (every graph that is not a
-    decode step) and decode apart. ``unmeasured`` counts calls of graphs with symbolic sizes."""
-
-    bits: dict = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
-    elements: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
-    calls: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
-    unmeasured: int = 0
-
-    def add(self, record: CompileRecord) -> None:
-        kind = "decode" if record.extra.get("decode") else "prefill"
-        self.calls[kind] += 1
-        counted = record.extra.get("bits")
-        if counted is None:
-            self.unmeasured += 1
-            return
-        self.bits[kind] += counted[0]
-        self.elements[kind] += counted[1]
-
-    def average(self, kind: str | None = None) -> float:
-        """Bits per quantized activation element (``kind``: "prefill", "decode", None = all)."""
-        kinds = ("prefill", "decode") if kind is None else (kind,)
-        n = sum(self.elements[k] for k in kinds)
-        return sum(self.bits[k] for k in kinds) / n if n else float("nan")
-
-    def summary(self) -> str:
-        return (
-            f"average activation bits {self.average():.3f} (prefill {self.average('prefill'):.3f}"
-            f" over {self.calls['prefill']} call(s), decode {self.average('decode'):.3f} over "
-            f"{self.calls['decode']} call(s)"
-            + (
-                f"; {self.unmeasured} call(s) with symbolic sizes not counted"
-                if self.unmeasured
-                else ""
-            )
-            + ")"
-        )
 
 
 def generation_bits(model, compiler: StampCompiler | None = None, **generate_kwargs) -> BitMeter:
