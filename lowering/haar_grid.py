@@ -17,7 +17,21 @@ import triton.language as tl
 
 from .triton_common import _by_inv_sqrt2, _tile_positions
 
-__all__ = ["_forward2d", "_grid_positions", "_inverse2d"]
+__all__ = ["_forward2d", "_grid_positions", "_grid_tile", "_inverse2d"]
+
+
+@triton.jit
+def _grid_tile(t, S, sinks, sink_tiles, SIDE: tl.constexpr, GRID_W: tl.constexpr):
+    """Where grid tile ``t`` (after the sink tiles) starts, ``tok0``, and how many of its
+    ``SIDE`` rows and columns lie inside the ``(S - sinks) / GRID_W``-row grid (the rest is
+    the zero padding to a multiple of ``SIDE``)."""
+    tiles_w: tl.constexpr = (GRID_W + SIDE - 1) // SIDE
+    ty = (t - sink_tiles) // tiles_w
+    tx = (t - sink_tiles) % tiles_w
+    tok0 = sinks + ty * SIDE * GRID_W + tx * SIDE
+    rows_here = (S - sinks) // GRID_W - ty * SIDE
+    cols_here = GRID_W - tx * SIDE
+    return tok0, rows_here, cols_here
 
 
 @triton.jit
@@ -80,11 +94,11 @@ def _grid_positions(t, sinks, n, sink_tiles, LEVELS: tl.constexpr, GRID_W: tl.co
     each band row-major over the padded grid (``bh x bw`` tiles, ``bh * 2**l`` rows)."""
     R: tl.constexpr = 1 << LEVELS
     i = tl.arange(0, R)
-    if GRID_W == 0:
+    # (a constexpr test, then a runtime one: the grid branch must not be traced for 1-D)
+    if GRID_W == 0:  # noqa: SIM114 (see the comment above)
         pos, valid = _tile_positions(t, sinks, n, sink_tiles, LEVELS, False)
-    elif t < sink_tiles:
-        pos = t * R + i
-        valid = pos < sinks
+    elif t < sink_tiles:  # R consecutive sink tokens, as in 1-D
+        pos, valid = _tile_positions(t, sinks, n, sink_tiles, LEVELS, False)
     else:
         T: tl.constexpr = 1 << (LEVELS // 2)
         bw: tl.constexpr = (GRID_W + T - 1) // T

@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .haar_grid import _forward2d, _grid_positions, _inverse2d
+from .haar_grid import _forward2d, _grid_positions, _grid_tile, _inverse2d
 from .triton_common import (
     _MODE_APPLY,
     _MODE_FUSED,
@@ -208,12 +208,7 @@ def _tile_body(
     SIDE: tl.constexpr = (1 << (LEVELS // 2)) if (HAAR and GRID_W > 0) else 0
     cols_here = 0
     if SIDE > 0:
-        tiles_w: tl.constexpr = (GRID_W + SIDE - 1) // SIDE
-        ty = (t - sink_tiles) // tiles_w
-        tx = (t - sink_tiles) % tiles_w
-        tok0 = sinks + ty * SIDE * GRID_W + tx * SIDE
-        tokens_here = (S - sinks) // GRID_W - ty * SIDE  # grid rows left
-        cols_here = GRID_W - tx * SIDE
+        tok0, tokens_here, cols_here = _grid_tile(t, S, sinks, sink_tiles, SIDE, GRID_W)
         row_off = (((r // SIDE) * GRID_W + r % SIDE) * D)[None, :, None]
     elif HAAR:
         tok0 = sinks + (t - sink_tiles) * R
@@ -361,11 +356,8 @@ def rows_kernel(
     )  # fmt: skip
     if GRID_W > 0:  # a 2-D tile is full when it ends inside the grid both ways
         SIDE: tl.constexpr = 1 << (LEVELS // 2)
-        tiles_w: tl.constexpr = (GRID_W + SIDE - 1) // SIDE
-        g = t - sink_tiles
-        full = ((g // tiles_w + 1) * SIDE * GRID_W <= S - sinks) & (
-            (g % tiles_w + 1) * SIDE <= GRID_W
-        )
+        _, rows_here, cols_here = _grid_tile(t, S, sinks, sink_tiles, SIDE, GRID_W)
+        full = (rows_here >= SIDE) & (cols_here >= SIDE)
     else:
         full = sinks + (t - sink_tiles + 1) * R <= S
     # (constexprs spelled out: packed in a tuple they reach _tile_body as runtime values)

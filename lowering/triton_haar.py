@@ -249,8 +249,6 @@ def _launch(
     x3 = x.reshape(-1, seq, feats)
     if x3.stride(-1) != 1:
         x3 = x3.contiguous()
-    if (seq + (1 << levels)) * max(x3.stride(1), feats) >= 2**31:
-        raise ValueError("a batch row over 2**31 elements exceeds the kernel's 32-bit offsets")
     rows = x3.shape[0]
     # The interpreter (NumPy has no bfloat16) truncates float32 -> bfloat16 instead of rounding
     # to nearest even like the GPU's cvt.rn: there the kernel writes float32, rounded by torch.
@@ -271,11 +269,17 @@ def _launch(
     else:
         sinks = sink_tokens
         coeffs = ceil_to(seq - sink_tokens, tile)
+    # The furthest token a tile's (masked) lanes address: the last tile's padding.
+    reach = seq + tile if grid is None else sinks + ceil_to(grid[0], side) * grid[1] + side
+    if reach * max(x3.stride(1), feats) >= 2**31:
+        raise ValueError("a batch row over 2**31 elements exceeds the kernel's 32-bit offsets")
     sink_tiles = (sinks + tile - 1) // tile
     tiles_per_row = sink_tiles + coeffs // tile
     tiles = rows * tiles_per_row
-    rows_kernel = tile_log <= MAX_ROWS_LEVELS and isinstance(feats, int) and variant != "slab"
-    rows_kernel = rows_kernel or grid is not None
+    # haar2d runs on the rows kernel only (_check_grid refused the slab variant).
+    rows_kernel = grid is not None or (
+        tile_log <= MAX_ROWS_LEVELS and isinstance(feats, int) and variant != "slab"
+    )
     if variant == "rows" and not rows_kernel:
         raise ValueError(
             f"variant: 'rows' takes up to {MAX_ROWS_LEVELS} levels and a concrete feature "
@@ -483,7 +487,4 @@ def _grid_eligible(x: Tensor, policy: SitePolicy) -> bool:
     h, w = policy.grid
     if seq - policy.sink_tokens != h * w:
         return False
-    levels = policy.levels
-    if levels is None:
-        levels = auto_haar2d_levels(h, w, max(1, policy.high_tokens))
-    return levels <= MAX_GRID_LEVELS
+    return policy.make_transform().levels <= MAX_GRID_LEVELS  # explicit or auto depth
