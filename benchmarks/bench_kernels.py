@@ -122,7 +122,7 @@ def kernel_fn(policy: SitePolicy, device: str, schedule: str = "auto", variant: 
     def run(x):
         return torch.ops.stamp.haar_fake_quant(
             x, -1, policy.sink_tokens, policy.high_tokens, policy.high_bits, policy.low_bits,
-            policy.symmetric,
+            policy.symmetric, -1 if policy.depth_target is None else policy.depth_target,
         )  # fmt: skip
 
     return run

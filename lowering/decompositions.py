@@ -195,6 +195,7 @@ def stamp_fake_quant_traceable(x: Tensor, policy: SitePolicy, seq_dim: int) -> T
 def policy_of(
     transform: str,
     levels: int,
+    depth_target: int,
     grid: list[int],
     sink_tokens: int,
     high_tokens: int,
@@ -215,7 +216,8 @@ def policy_of(
 
     concrete = lambda v: int(v) if isinstance(v, torch.SymInt) else v  # noqa: E731
     return policy_from_op_args(
-        transform, concrete(levels), [concrete(g) for g in grid], concrete(sink_tokens),
+        transform, concrete(levels), concrete(depth_target), [concrete(g) for g in grid],
+        concrete(sink_tokens),
         concrete(high_tokens), concrete(high_bits), concrete(low_bits),
         [float(e) for e in band_edges], [concrete(b) for b in band_bits],
         bool(symmetric), concrete(group_size), autocorr is not None,
@@ -227,6 +229,7 @@ def stamp_fake_quant_decomposition(
     seq_dim: int,
     transform: str,
     levels: int,
+    depth_target: int,
     grid: list[int],
     sink_tokens: int,
     high_tokens: int,
@@ -247,8 +250,8 @@ def stamp_fake_quant_decomposition(
     if traceable is None or autocorr is not None:
         return NotImplemented
     policy = policy_of(
-        transform, levels, grid, sink_tokens, high_tokens, high_bits, low_bits,
-        band_edges, band_bits, symmetric, group_size, autocorr,
+        transform, levels, depth_target, grid, sink_tokens, high_tokens, high_bits,
+        low_bits, band_edges, band_bits, symmetric, group_size, autocorr,
     )  # fmt: skip
     if symbolic_length(x, seq_dim) and traceable.shape_depends_on_length(policy):
         # A dynamic length whose coefficient layout changes by bracket (auto Haar levels, the

@@ -39,10 +39,14 @@ def haar_fake_quant_op(
     high_bits: int,
     low_bits: int,
     symmetric: bool,
+    depth_target: int,
 ) -> Tensor:
     """``torch.ops.stamp.haar_fake_quant``: :func:`haar_fake_quant` as a ``triton_op``, so
     ``torch.compile`` sees (and Inductor launches from its own code) the Triton kernel."""
-    return haar_fake_quant(x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric)
+    return haar_fake_quant(
+        x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric,
+        depth_target=depth_target,
+    )  # fmt: skip
 
 
 @triton_op("stamp::haar2d_fake_quant", mutates_args=())
@@ -56,12 +60,13 @@ def haar2d_fake_quant_op(
     high_bits: int,
     low_bits: int,
     symmetric: bool,
+    depth_target: int,
 ) -> Tensor:
     """``torch.ops.stamp.haar2d_fake_quant``: :func:`haar_fake_quant` with
     ``grid=(grid_h, grid_w)`` (the haar2d site of an image grid) as a ``triton_op``."""
     return haar_fake_quant(
         x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric,
-        grid=(grid_h, grid_w),
+        grid=(grid_h, grid_w), depth_target=depth_target,
     )  # fmt: skip
 
 
@@ -74,23 +79,22 @@ def haar_fake_quant_dynamic_op(
     high_bits: int,
     low_bits: int,
     symmetric: bool,
+    depth_target: int,
 ) -> Tensor:
     """``torch.ops.stamp.haar_fake_quant_dynamic``: the kernel for a site whose length is
     symbolic. An opaque op (Inductor calls it, it does not trace it), so the Haar depth, which
     auto levels take from the length, is decided per call and a new length never recompiles.
     Past ``MAX_LEVELS`` it runs the reference, which computes the same thing."""
-    seq = x.shape[-2]
-    depth = haar_levels(max(0, seq - sink_tokens), levels, max(1, high_tokens))
+    args = (sink_tokens, high_tokens, high_bits, low_bits, symmetric)
+    policy = haar_kernel_policy(levels, *args, depth_target)
+    depth = haar_levels(max(0, x.shape[-2] - sink_tokens), levels, policy.haar_target)
     if depth > MAX_LEVELS:
-        policy = haar_kernel_policy(
-            levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric
-        )
         return policy.apply_sequence(x, -2).contiguous()
-    return haar_fake_quant(x, depth, sink_tokens, high_tokens, high_bits, low_bits, symmetric)
+    return haar_fake_quant(x, depth, *args)
 
 
 @haar_fake_quant_dynamic_op.register_fake
-def _(x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric):
+def _(x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric, depth_target):
     return x.new_empty(x.shape)
 
 
@@ -104,13 +108,14 @@ def haar_fake_quant_masked_op(
     high_bits: int,
     low_bits: int,
     symmetric: bool,
+    depth_target: int,
 ) -> Tensor:
     """``torch.ops.stamp.haar_fake_quant_masked``: ``stamp::fake_quant_masked`` (each batch
     row's real tokens, ``mask[b] != 0``, quantized as a sequence of their own; pads unchanged)
     on the kernel. ``x`` is ``[B, ..., S, D]`` (batch first, sequence on dim -2), ``mask``
     ``[B, S]``. A batch without padding is one kernel call; a padded one, one per row (the
     depth decided per call, as :func:`haar_fake_quant_dynamic_op` does)."""
-    args = (levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric)
+    args = (levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric, depth_target)
     return per_real_row(
         x, mask, -2, lambda rows: haar_fake_quant_dynamic_op(rows, *args),
         "stamp::haar_fake_quant_masked",
@@ -118,7 +123,7 @@ def haar_fake_quant_masked_op(
 
 
 @haar_fake_quant_masked_op.register_fake
-def _(x, mask, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric):
+def _(x, mask, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric, depth_target):
     return x.new_empty(x.shape)
 
 

@@ -97,13 +97,16 @@ def _fallback(policy: SitePolicy, x: Tensor, seq_dim: int) -> Choice:
 
 def haar_kernel_policy(
     levels: int, sink_tokens: int, high_tokens: int, high_bits: int, low_bits: int,
-    symmetric: bool, grid: tuple[int, int] | None = None,
+    symmetric: bool, depth_target: int, grid: tuple[int, int] | None = None,
 ) -> SitePolicy:  # fmt: skip
     """The inverse of :func:`_haar_kernel_args`: the policy a Haar kernel op's arguments encode
-    (for an op that falls back to the reference)."""
+    (for an op that falls back to the reference). -1 spells None (auto depth, or a depth target
+    that follows ``high_tokens``)."""
     return SitePolicy(
         transform="haar" if grid is None else "haar2d", grid=grid,
-        levels=None if levels < 0 else levels, sink_tokens=sink_tokens, high_tokens=high_tokens,
+        levels=None if levels < 0 else levels,
+        depth_target=None if depth_target < 0 else depth_target,
+        sink_tokens=sink_tokens, high_tokens=high_tokens,
         high_bits=high_bits, low_bits=low_bits, symmetric=symmetric,
     )  # fmt: skip
 
@@ -111,10 +114,10 @@ def haar_kernel_policy(
 def _haar_kernel_args(policy: SitePolicy) -> tuple:
     """The policy as the Haar kernel ops take it (after the tensor arguments; a haar2d op takes
     the grid's height and width first); :func:`haar_kernel_policy` decodes it."""
-    levels = -1 if policy.levels is None else policy.levels
+    unset = lambda v: -1 if v is None else v  # noqa: E731
     return (
-        levels, policy.sink_tokens, policy.high_tokens, policy.high_bits, policy.low_bits,
-        policy.symmetric,
+        unset(policy.levels), policy.sink_tokens, policy.high_tokens, policy.high_bits,
+        policy.low_bits, policy.symmetric, unset(policy.depth_target),
     )  # fmt: skip
 
 

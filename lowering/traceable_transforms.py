@@ -143,7 +143,7 @@ class HaarDecomposition(TransformDecomposition):
     def __init__(self, policy: SitePolicy, length: IntLike):
         super().__init__(policy, length)
         requested = -1 if policy.levels is None else policy.levels
-        self.levels = haar_levels(length, requested, max(1, policy.high_tokens))
+        self.levels = haar_levels(length, requested, policy.haar_target)
         self.block = 1 << self.levels
         self.padded = ceil_to(length, self.block) if self.levels else length
 

@@ -85,7 +85,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from stamp_fx.bitwidths import validate_bits
 from stamp_fx.plan import SitePolicy
-from stamp_fx.transforms import auto_haar2d_levels
+from stamp_fx.transforms import auto_haar2d_levels, resolve_depth_target
 
 from . import haar_rows, haar_slab
 from .haar_rows import MAX_ROWS_LEVELS
@@ -394,11 +394,13 @@ def haar_fake_quant(
     variant: str = "auto",
     maxnreg: int | None = None,
     grid: tuple[int, int] | None = None,
+    depth_target: int = -1,
 ) -> Tensor:
     """STaMP Haar fake quantization of ``x`` ([..., S, D]) with the fused kernel.
 
     ``levels=-1`` picks :func:`~stamp_fx.transforms.auto_haar_levels` for the ``S - sinks``
-    transformed tokens with target ``max(1, high_tokens)`` (as :class:`SitePolicy` does).
+    transformed tokens with target ``depth_target`` (-1: ``high_tokens``; see
+    :func:`~stamp_fx.transforms.resolve_depth_target`, as :class:`SitePolicy` does).
     ``grid=(H, W)``: the 2-D Haar (``transform="haar2d"``) of the ``H x W`` token grid after
     the sinks; ``levels=-1`` then picks :func:`~stamp_fx.transforms.auto_haar2d_levels`.
     ``block_d``, ``schedule``, ``num_warps`` and ``variant`` override the tiling and the kernel
@@ -406,13 +408,13 @@ def haar_fake_quant(
     ``benchmarks/bench_kernel_tiling.py`` sweeps them). Runs on CUDA
     tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
     """
-    seq = x.shape[-2]
+    seq, target = x.shape[-2], resolve_depth_target(depth_target, high_tokens)
     if grid is not None:
         if levels < 0:
-            levels = auto_haar2d_levels(*grid, max(1, high_tokens))
+            levels = auto_haar2d_levels(*grid, target)
     else:
         transformed = max(0, seq - sink_tokens) if isinstance(seq, int) else seq - sink_tokens
-        levels = haar_levels(transformed, levels, max(1, high_tokens))
+        levels = haar_levels(transformed, levels, target)
     out, _ = _launch(
         x, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric,
         block_d=block_d, schedule=schedule, probe=False, num_warps=num_warps, variant=variant,
@@ -474,7 +476,7 @@ def eligible(x: Tensor, policy: SitePolicy, seq_dim: int) -> bool:
         return True  # the dynamic op falls back to the reference past MAX_LEVELS
     # Auto levels grow with the length; past MAX_LEVELS the site goes to the decomposition.
     transformed = x.shape[-2] - policy.sink_tokens
-    return haar_levels(transformed, -1, max(1, policy.high_tokens)) <= MAX_LEVELS
+    return haar_levels(transformed, -1, policy.haar_target) <= MAX_LEVELS
 
 
 def _grid_eligible(x: Tensor, policy: SitePolicy) -> bool:

@@ -32,6 +32,7 @@ from .transforms import (
     FEATURE_TRANSFORMS,
     SequenceTransform,
     available_transforms,
+    resolve_depth_target,
     transform_for,
 )
 
@@ -62,7 +63,12 @@ class StampConfig:
     """Sequence transform name: one of ``stamp_fx.available_transforms()``."""
     levels: int | None = None
     """Decomposition levels for haar/haar2d; None picks them so the approximation band is
-    about ``high_tokens`` tokens."""
+    about ``depth_target`` tokens."""
+    depth_target: int | None = None
+    """Tokens the automatic Haar depth (``levels=None``) shrinks the approximation band to.
+    None = ``high_tokens`` (the paper's rule: the 8-bit tokens are the approximation band).
+    Site policies record it resolved, so tuning a site's ``high_tokens`` leaves its transform
+    as it was."""
     grid: tuple[int, int] | None = None
     """Token grid (height, width) for haar2d; None lets the caller supply it per site."""
     high_tokens: int = 64
@@ -115,6 +121,12 @@ class StampConfig:
             )
         if self.levels is not None and (not _is_int(self.levels) or not 0 <= self.levels <= 20):
             raise ValueError(f"levels: must be None (auto) or an int in 0..20, got {self.levels!r}")
+        if self.depth_target is not None and (
+            not _is_int(self.depth_target) or self.depth_target < 1
+        ):
+            raise ValueError(
+                f"depth_target: must be None (= high_tokens) or a positive int, got {self.depth_target!r}"
+            )
         if self.grid is not None:
             grid = tuple(self.grid) if isinstance(self.grid, (list, tuple)) else None
             if grid is None or len(grid) != 2 or not all(_is_int(g) and g > 0 for g in grid):
@@ -217,7 +229,7 @@ class StampConfig:
         ``params`` such as ``autocorr`` for klt are passed through)."""
         return transform_for(
             self.transform, levels=self.levels, grid=grid or self.grid,
-            target=max(1, self.high_tokens), **params,
+            target=resolve_depth_target(self.depth_target, self.high_tokens), **params,
         )  # fmt: skip
 
     def replace(self, **changes: Any) -> StampConfig:
@@ -278,6 +290,7 @@ POLICY_FIELDS = (
     "feature_transform",
     "feature_block",
     "levels",
+    "depth_target",
     "grid",
     "high_tokens",
     "high_bits",

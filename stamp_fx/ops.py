@@ -1,6 +1,6 @@
 """``stamp::`` custom ops: defined once, each with a fake (meta) impl and the reference impl.
 
-``torch.ops.stamp.fake_quant(x, seq_dim, transform, levels, grid, sink_tokens, high_tokens,
+``torch.ops.stamp.fake_quant(x, seq_dim, transform, levels, depth_target, grid, sink_tokens, high_tokens,
 high_bits, low_bits, band_edges, band_bits, symmetric, group_size, autocorr)`` is the STaMP fake
 quantization of one site (see :class:`stamp_fx.plan.SitePolicy`, whose fields the arguments
 spell out with sentinels: ``levels=-1`` auto, ``grid=[]`` none, ``group_size=0`` per token,
@@ -55,6 +55,7 @@ def op_args(policy: SitePolicy, seq_dim: int) -> tuple:
         seq_dim,
         policy.transform,
         -1 if policy.levels is None else policy.levels,
+        -1 if policy.depth_target is None else policy.depth_target,
         list(policy.grid or ()),
         policy.sink_tokens,
         policy.high_tokens,
@@ -70,6 +71,7 @@ def op_args(policy: SitePolicy, seq_dim: int) -> tuple:
 def policy_from_op_args(
     transform: str,
     levels: int,
+    depth_target: int,
     grid: list[int],
     sink_tokens: int,
     high_tokens: int,
@@ -84,6 +86,7 @@ def policy_from_op_args(
     return SitePolicy(
         transform=transform,
         levels=None if levels < 0 else levels,
+        depth_target=None if depth_target < 0 else depth_target,
         grid=tuple(grid) if grid else None,
         sink_tokens=sink_tokens,
         high_tokens=high_tokens,
@@ -110,6 +113,7 @@ def fake_quant_op(
     seq_dim: int,
     transform: str,
     levels: int,
+    depth_target: int,
     grid: list[int],
     sink_tokens: int,
     high_tokens: int,
@@ -122,15 +126,15 @@ def fake_quant_op(
     autocorr: Tensor | None = None,
 ) -> Tensor:
     policy, tensors = _decode(
-        transform, levels, grid, sink_tokens, high_tokens, high_bits, low_bits,
-        band_edges, band_bits, symmetric, group_size, autocorr,
+        transform, levels, depth_target, grid, sink_tokens, high_tokens, high_bits,
+        low_bits, band_edges, band_bits, symmetric, group_size, autocorr,
     )  # fmt: skip
     return policy.apply_sequence(x, seq_dim, tensors).contiguous()
 
 
 @fake_quant_op.register_fake
-def _(x, seq_dim, transform, levels, grid, sink_tokens, high_tokens, high_bits, low_bits,
-      band_edges, band_bits, symmetric, group_size, autocorr=None):  # fmt: skip
+def _(x, seq_dim, transform, levels, depth_target, grid, sink_tokens, high_tokens, high_bits,
+      low_bits, band_edges, band_bits, symmetric, group_size, autocorr=None):  # fmt: skip
     # Always contiguous, like the real impl, whatever the input's strides.
     return x.new_empty(x.shape)
 
@@ -140,7 +144,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _straight_through(ctx, grad):
-    return (grad,) + (None,) * 13
+    return (grad,) + (None,) * 14
 
 
 fake_quant_op.register_autograd(_straight_through, setup_context=_setup_context)
@@ -189,6 +193,7 @@ def fake_quant_masked_op(
     seq_dim: int,
     transform: str,
     levels: int,
+    depth_target: int,
     grid: list[int],
     sink_tokens: int,
     high_tokens: int,
@@ -201,20 +206,20 @@ def fake_quant_masked_op(
     autocorr: Tensor | None = None,
 ) -> Tensor:
     policy, tensors = _decode(
-        transform, levels, grid, sink_tokens, high_tokens, high_bits, low_bits,
-        band_edges, band_bits, symmetric, group_size, autocorr,
+        transform, levels, depth_target, grid, sink_tokens, high_tokens, high_bits,
+        low_bits, band_edges, band_bits, symmetric, group_size, autocorr,
     )  # fmt: skip
     return masked_apply(policy, x, mask, seq_dim, tensors)
 
 
 @fake_quant_masked_op.register_fake
-def _(x, mask, seq_dim, transform, levels, grid, sink_tokens, high_tokens, high_bits, low_bits,
-      band_edges, band_bits, symmetric, group_size, autocorr=None):  # fmt: skip
+def _(x, mask, seq_dim, transform, levels, depth_target, grid, sink_tokens, high_tokens,
+      high_bits, low_bits, band_edges, band_bits, symmetric, group_size, autocorr=None):  # fmt: skip
     return x.new_empty(x.shape)
 
 
 def _straight_through_masked(ctx, grad):
-    return (grad,) + (None,) * 14
+    return (grad,) + (None,) * 15
 
 
 fake_quant_masked_op.register_autograd(_straight_through_masked, setup_context=_setup_context)

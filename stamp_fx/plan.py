@@ -29,6 +29,7 @@ from .rotations import feature_rotation, resolve_block, validate_feature_block
 from .transforms import (
     SequenceTransform,
     make_transform,
+    resolve_depth_target,
     transform_for,
 )
 
@@ -80,6 +81,10 @@ class SitePolicy:
     feature_block: str | int = "pow2"
     """Block of the feature rotation (``StampConfig.feature_block``)."""
     levels: int | None = None
+    depth_target: int | None = None
+    """Tokens the automatic Haar depth aims the approximation band at (``StampConfig``'s
+    field); None = ``high_tokens``. :meth:`from_config` records it resolved, so a per-site
+    ``high_tokens`` (an override, the tuner's choice) does not change the transform."""
     grid: tuple[int, int] | None = None
     sink_tokens: int = 0
     high_tokens: int = 64
@@ -99,6 +104,7 @@ class SitePolicy:
             transform=self.transform,
             feature_transform=self.feature_transform,
             levels=self.levels,
+            depth_target=self.depth_target,
             grid=self.grid,
             high_tokens=max(self.high_tokens, self.sink_tokens),
             high_bits=self.high_bits,
@@ -119,6 +125,7 @@ class SitePolicy:
             feature_transform=config.feature_transform,
             feature_block=config.feature_block,
             levels=config.levels,
+            depth_target=resolve_depth_target(config.depth_target, config.high_tokens),
             grid=grid or config.grid,
             sink_tokens=sink_tokens,
             high_tokens=config.high_tokens,
@@ -139,8 +146,13 @@ class SitePolicy:
                 )
             return _klt_for(tensors[self.autocorr_key])
         return transform_for(
-            self.transform, levels=self.levels, grid=self.grid, target=max(1, self.high_tokens)
+            self.transform, levels=self.levels, grid=self.grid, target=self.haar_target
         )
+
+    @property
+    def haar_target(self) -> int:
+        """The approximation-band size the automatic Haar depth aims for."""
+        return resolve_depth_target(self.depth_target, self.high_tokens)
 
     def quantized_bits(self, quantized_length: int, sinks: int) -> list[int]:
         """Bits over a quantized sequence of ``sinks`` raw positions then transformed tokens."""
@@ -191,7 +203,10 @@ class SitePolicy:
     def describe(self) -> str:
         """Short one-liner such as ``haar(J=auto) bits=8x64/4 sinks=1``."""
         if self.transform in ("haar", "haar2d"):
-            xf = f"{self.transform}(J={'auto' if self.levels is None else self.levels})"
+            depth = "auto" if self.levels is None else str(self.levels)
+            if self.levels is None and self.haar_target != max(1, self.high_tokens):
+                depth += f"->{self.haar_target}"  # the band aimed at, when not high_tokens
+            xf = f"{self.transform}(J={depth})"
         else:
             xf = self.transform
         if self.bands is None:

@@ -43,6 +43,7 @@ __all__ = [
     "available_transforms",
     "auto_haar_levels",
     "auto_haar2d_levels",
+    "resolve_depth_target",
     "dct_matrix",
     "token_autocorrelation",
     "FEATURE_TRANSFORMS",
@@ -193,6 +194,16 @@ class Identity(SequenceTransform):
 
     def _inverse0(self, y0: Tensor, length: int) -> Tensor:
         return y0
+
+
+def resolve_depth_target(depth_target: int | None, high_tokens: int) -> int:
+    """The approximation-band size the automatic Haar depth aims for: ``depth_target`` when
+    given (an op argument spells None as -1), else ``high_tokens`` (the paper's rule: the
+    high-precision tokens are the approximation band); at least 1. The one place the two
+    settings meet."""
+    if depth_target is None or depth_target < 0:
+        return max(1, high_tokens)
+    return max(1, depth_target)
 
 
 def auto_haar_levels(length: int, target: int = HIGH_PRECISION_TARGET) -> int:

@@ -1,17 +1,20 @@
 """StampConfig: defaults, JSON round trip, validation messages."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from stamp_fx import CONFIG_VERSION, StampConfig, TokenBits
+from stamp_fx.plan import SitePolicy
 
 configs = st.builds(
     StampConfig,
     transform=st.sampled_from(["identity", "haar", "dct", "wht", "haar2d"]),
     levels=st.none() | st.integers(0, 8),
+    depth_target=st.none() | st.integers(1, 256),
     grid=st.none() | st.tuples(st.integers(1, 64), st.integers(1, 64)),
     high_tokens=st.integers(1, 256),
     high_bits=st.integers(8, 16),
@@ -69,6 +72,7 @@ def test_config_is_frozen_and_hashable():
         ({"high_tokens": -1}, "high_tokens"),
         ({"sink_tokens": 65}, "count inside the high-precision budget"),
         ({"levels": -2}, "levels"),
+        ({"depth_target": 0}, "depth_target: must be None"),
         ({"grid": (0, 4)}, "grid"),
         ({"group_size": 0}, "group_size"),
         ({"allowed_bits": ()}, "allowed_bits"),
@@ -135,3 +139,21 @@ def test_override_order_decides_the_winner_after_a_round_trip():
     for config in (c, StampConfig.from_json(c.to_json())):
         plan = build_plan([site], config, causal=False)
         assert plan.sites["layers.0.q_proj:in"].low_bits == 3
+
+
+def test_depth_target_sets_the_haar_depth_apart_from_high_tokens():
+    # None follows high_tokens (the paper's rule): a 32-token band at 2048 tokens is 6 levels.
+    assert StampConfig(high_tokens=32).make_transform().levels_for(2048) == 6
+    assert StampConfig(high_tokens=32, depth_target=64).make_transform().levels_for(2048) == 5
+    # A site policy records the target resolved, so a per-site token count (an override, the
+    # tuner's choice) changes the bits and leaves the transform as it was.
+    policy = SitePolicy.from_config(StampConfig(), sink_tokens=1)
+    assert policy.depth_target == 64
+    tuned = replace(policy, high_tokens=256)
+    assert tuned.make_transform().levels_for(2047) == policy.make_transform().levels_for(2047) == 5
+    assert tuned.bit_vector(tuned.make_transform(), 2048).count(8) == 256
+    assert tuned.describe() == "haar(J=auto->64) bits=8x256/4 sinks=1"
+    # A plan saved before the field existed keeps the coupling it was made with.
+    saved = {k: v for k, v in tuned.to_dict().items() if k != "depth_target"}
+    old = SitePolicy.from_dict(saved)
+    assert old.depth_target is None and old.make_transform().levels_for(2047) == 3

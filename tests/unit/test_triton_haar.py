@@ -198,7 +198,7 @@ def test_auto_levels_and_the_paper_default():
 
 def test_op_is_a_registered_triton_op():
     x = randn((2, 19, 8), 2).to(DEVICE)
-    out = torch.ops.stamp.haar_fake_quant(x, 2, 1, 4, 8, 4, False)
+    out = torch.ops.stamp.haar_fake_quant(x, 2, 1, 4, 8, 4, False, -1)
     assert torch.equal(out, SitePolicy(levels=2, sink_tokens=1, high_tokens=4).apply(x, 1))
 
 
@@ -267,7 +267,7 @@ def test_masked_kernel_op_equals_the_padded_reference(shape, padding):
         mask[0, -9:] = 0
     policy = SitePolicy(sink_tokens=1, high_tokens=4)
     ref = masked_apply(policy, x, mask, len(shape) - 2)
-    out = torch.ops.stamp.haar_fake_quant_masked(x, mask, -1, 1, 4, 8, 4, False)
+    out = torch.ops.stamp.haar_fake_quant_masked(x, mask, -1, 1, 4, 8, 4, False, -1)
     if DEVICE == "cpu":
         assert torch.equal(out, ref)
     else:

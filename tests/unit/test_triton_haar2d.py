@@ -103,8 +103,15 @@ def test_pixart_tile_depth_with_split_features_is_exact():
 
 def test_op_is_registered_and_takes_auto_levels():
     x = randn((2, 1 + 6 * 10, 16), 3).to(DEVICE)
-    out = torch.ops.stamp.haar2d_fake_quant(x, 6, 10, -1, 1, 4, 8, 4, False)
+    out = torch.ops.stamp.haar2d_fake_quant(x, 6, 10, -1, 1, 4, 8, 4, False, -1)
     policy = SitePolicy(transform="haar2d", grid=(6, 10), sink_tokens=1, high_tokens=4)
+    assert torch.equal(out, policy.apply(x, 1))
+    # A depth target apart from high_tokens: a 16-token band (depth 1, not 2) with 4 tokens at 8.
+    out = torch.ops.stamp.haar2d_fake_quant(x, 6, 10, -1, 1, 4, 8, 4, False, 16)
+    policy = SitePolicy(
+        transform="haar2d", grid=(6, 10), sink_tokens=1, high_tokens=4, depth_target=16
+    )
+    assert policy.make_transform().levels == 1  # the premise
     assert torch.equal(out, policy.apply(x, 1))
 
 
@@ -141,17 +148,18 @@ def test_invalid_grid_arguments_raise_clear_errors():
     levels=st.none() | st.integers(0, 8),
     sinks=st.integers(0, 3),
     high_tokens=st.integers(0, 128),
+    depth_target=st.none() | st.integers(1, 256),
     bits=st.tuples(st.integers(2, 16), st.integers(2, 16)),
     symmetric=st.booleans(),
 )
 def test_kernel_arguments_decode_to_the_policy_they_encode(
-    grid, levels, sinks, high_tokens, bits, symmetric
+    grid, levels, sinks, high_tokens, depth_target, bits, symmetric
 ):
     from stamp_fx.lowering.kernel_choice import _haar_kernel_args, haar_kernel_policy
 
     policy = SitePolicy(
         transform="haar" if grid is None else "haar2d", grid=grid, levels=levels,
-        sink_tokens=sinks, high_tokens=high_tokens, high_bits=max(bits), low_bits=min(bits),
+        depth_target=depth_target, sink_tokens=sinks, high_tokens=high_tokens, high_bits=max(bits), low_bits=min(bits),
         symmetric=symmetric,
     )  # fmt: skip
     assert haar_kernel_policy(*_haar_kernel_args(policy), grid=grid) == policy
@@ -165,5 +173,12 @@ def test_dynamic_op_past_the_kernel_depth_runs_the_reference():
     assert haar_levels(600, -1, 1) > triton_haar.MAX_LEVELS  # the premise
     for seq in (600, 40):
         x = randn((1, seq, 4), seq).to(DEVICE)
-        out = torch.ops.stamp.haar_fake_quant_dynamic(x, -1, 1, 1, 8, 4, False)
+        out = torch.ops.stamp.haar_fake_quant_dynamic(x, -1, 1, 1, 8, 4, False, -1)
         assert torch.equal(out, SitePolicy(sink_tokens=1, high_tokens=1).apply_sequence(x, -2))
+    # The depth follows depth_target, not high_tokens: 600 tokens at a 64-token band (3
+    # levels, on the kernel) with one token at 8 bits.
+    x = randn((1, 600, 4), 7).to(DEVICE)
+    out = torch.ops.stamp.haar_fake_quant_dynamic(x, -1, 1, 1, 8, 4, False, 64)
+    policy = SitePolicy(sink_tokens=1, high_tokens=1, depth_target=64)
+    assert policy.make_transform().levels_for(599) <= triton_haar.MAX_LEVELS  # the premise
+    assert torch.equal(out, policy.apply_sequence(x, -2))
