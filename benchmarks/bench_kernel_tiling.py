@@ -6,9 +6,11 @@ site policy: Haar, auto levels, 64 tokens at 8 bits, the rest at 4) for every co
 ``--variants`` (the ``rows`` and ``slab`` kernels; rows only takes tiles of up to 32 tokens),
 ``--block-d`` (features per program), ``--warps`` and ``--schedules``, next to a
 device-to-device copy of the same tensor in the same run, and checks each output against the
-default's (all must agree bit for bit). CUDA only.
+default's (all must agree bit for bit). ``--grid HxW`` times the haar2d site of an ``H x W`` token
+grid instead (no sinks; the rows kernel only; every shape must hold ``H*W`` tokens). CUDA only.
 
     python -m benchmarks.bench_kernel_tiling --json tiling.json
+    python -m benchmarks.bench_kernel_tiling --grid 64x64 --shapes 4096x1152 --variants rows
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ def main() -> None:
     parser.add_argument("--warps", type=int, nargs="*", default=[2, 4, 8])
     parser.add_argument("--schedules", nargs="*", default=["fused", "split"])
     parser.add_argument("--variants", nargs="*", default=["rows", "slab"])
+    parser.add_argument("--grid", default=None, help="HxW: time haar2d on this token grid")
     args = parser.parse_args()
+    grid = tuple(int(v) for v in args.grid.split("x")) if args.grid else None
     if not args.device.startswith("cuda"):
         raise SystemExit("bench_kernel_tiling times the compiled kernel: it needs a CUDA device")
     from stamp_fx.lowering import triton_haar
@@ -40,7 +44,9 @@ def main() -> None:
         copy_ms, _ = graph_time_ms(lambda x=x, y=y: y.copy_(x), device=args.device, repeat=20)
         copy_gbs = nbytes / copy_ms / 1e6
         rows.append([seq, dim, "copy", "", "", "", copy_ms, copy_gbs, 100.0, ""])
-        default = triton_haar.haar_fake_quant(x, -1)
+        if grid is not None and grid[0] * grid[1] != seq:
+            raise SystemExit(f"--grid {args.grid} holds {grid[0] * grid[1]} tokens, not {seq}")
+        default = triton_haar.haar_fake_quant(x, -1, grid=grid)
         combos = [
             (variant, schedule, block_d, warps)
             for variant in args.variants
@@ -52,7 +58,13 @@ def main() -> None:
 
             def run(x=x, variant=variant, block_d=block_d, warps=warps, schedule=schedule):
                 return triton_haar.haar_fake_quant(
-                    x, -1, block_d=block_d, num_warps=warps, schedule=schedule, variant=variant
+                    x,
+                    -1,
+                    block_d=block_d,
+                    num_warps=warps,
+                    schedule=schedule,
+                    variant=variant,
+                    grid=grid,
                 )
 
             key = [seq, dim, variant, schedule, block_d or "default", warps]
@@ -66,7 +78,8 @@ def main() -> None:
             rows.append([*key, ms, gbs, 100 * gbs / copy_gbs, "yes" if same else "NO"])
         del x, y
     emit(
-        "fused Haar kernel tilings, bf16 [1, S, D], default policy",
+        "fused Haar kernel tilings, bf16 [1, S, D], default policy"
+        + (f", haar2d on a {args.grid} grid" if grid else ""),
         ["S", "D", "kernel", "schedule", "block_d", "warps", "ms", "GB/s", "copy %", "same output"],
         rows,
         device=args.device,
