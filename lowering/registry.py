@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stamp_fx.config import DEFAULT_LOWERING
+from stamp_fx.options import DEFAULT_LOWERING
 
 from .cache import inductor_config_patches
 

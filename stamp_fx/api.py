@@ -17,8 +17,9 @@ import torch
 
 from .backend import StampCompiler
 from .calibrate import EnergyObserver, run_batch
-from .config import StampConfig, from_options
+from .config import StampConfig
 from .debug import format_site_table
+from .options import from_options
 from .plan import AllocationPlan
 from .progress import progress
 

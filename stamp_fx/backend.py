@@ -2,7 +2,7 @@
 
 ``torch.compile(model, backend="stamp", options={...})`` (registered through the
 ``torch_dynamo_backends`` entry point) or ``torch.compile(model, backend=StampCompiler(config))``.
-Options are validated by :func:`stamp_fx.config.from_options`; ``mode`` is mapped onto Inductor's
+Options are validated by :func:`stamp_fx.options.from_options`; ``mode`` is mapped onto Inductor's
 config (``default``, ``reduce-overhead``, ``max-autotune``, ``max-autotune-no-cudagraphs``) and
 rejected when Inductor is off. Every compiled graph is kept in ``StampCompiler.records``.
 
@@ -36,16 +36,10 @@ from .analysis import (
     unrecognised_linears,
 )
 from .bit_meter import BitMeter, graph_bits
-from .config import (
-    SOLVER_FIELDS,
-    BackendOptions,
-    StampConfig,
-    from_options,
-    reject_solver_options,
-    solver_fields_set,
-)
+from .config import SOLVER_FIELDS, StampConfig, solver_fields_set
 from .debug import DebugWriter, format_site_table, resolve_debug_dir
 from .lowering import DEFAULT_LOWERING, get_lowering
+from .options import BackendOptions, from_options, reject_solver_options
 from .passes import EAGER_PASSES, PASSES, PassContext, PassRecord, run_passes
 from .plan import AllocationPlan, load_plan
 from .planner import fit_plan, plan_sites

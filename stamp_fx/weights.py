@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import WEIGHT_OPTION_NAMES  # the backend rejects these as compile options
+from .options import WEIGHT_OPTION_NAMES  # the backend rejects these as compile options
 
 # The pure quantizer lives in weight_quantizer; its names stay importable from here.
 from .weight_quantizer import (

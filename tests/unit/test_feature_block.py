@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stamp_fx import AllocationPlan, SitePolicy, StampConfig
-from stamp_fx.config import from_options
+from stamp_fx.options import from_options
 from stamp_fx.rotations import feature_rotation
 from stamp_fx.transforms import block_hadamard
 from tests.strategies import randn
