@@ -17,11 +17,9 @@ around attention (``q``, ``k``, ``v``, ``qkv`` for fused projections, ``attn_out
 input, ``other``), whether it sits inside the repeated blocks, its sequence axis, and a
 ``reason`` when it cannot be quantized (legality only; the plan decides policy).
 
-Sequence axis: a rank-3 ``[B, S, D]`` input has ``seq_dim=1``. Another input (a flattened
-``[B*S, D]``, an unflattened ``[B, H, W, D]``) is traced back through a chain of
-view/reshape/flatten/unflatten/contiguous/transpose/permute ops that keep the features last to its
-earliest ``[B, S, D]`` origin (``origin`` is then that node and the pass re-applies the chain);
-anything else is not quantized, with a reason. :func:`unrecognised_linears` names matmul-family
+Sequence axis (:mod:`stamp_fx.sequence_axis`): a rank-3 ``[B, S, D]`` input has ``seq_dim=1``;
+another input is traced back to its ``[B, S, D]`` origin (``origin`` is then that node and the
+pass re-applies the chain); anything else is not quantized, with a reason. :func:`unrecognised_linears` names matmul-family
 calls on parameters that are not recognised as linear layers (the backend warns about them).
 
 Padding: :func:`find_padding_mask` finds the HF ``attention_mask`` graph input (a 2-d padding
@@ -31,18 +29,13 @@ mask or a 4-d attention mask, see :mod:`stamp_fx.padding`); the pass turns it in
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .fx_values import example_tensor as _example
 from .graph_ops import (
-    MAX_TRACE_NODES,
     AttentionCore,
     find_attention_cores,
     is_linear,
@@ -55,6 +48,7 @@ from .graph_ops import (
     unrecognised_linears,
 )
 from .kv_cache import CacheWrite, find_cache_write
+from .sequence_axis import same_size, sequence_origin, static_int
 
 __all__ = [
     "Site",
@@ -113,154 +107,6 @@ def _in_block(fqn: str) -> bool:
     return any(part.isdigit() for part in fqn.split("."))
 
 
-_CHAIN_METHODS = {"view", "reshape", "flatten", "unflatten", "contiguous", "transpose", "permute"}
-_CHAIN_FUNCTIONS = {torch.reshape, torch.flatten, torch.unflatten, torch.transpose, torch.permute,
-                    torch.Tensor.contiguous}  # fmt: skip
-
-
-def _is_chain_op(node: object) -> bool:
-    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
-        return False
-    if node.op == "call_method":
-        return node.target in _CHAIN_METHODS
-    return node.op == "call_function" and node.target in _CHAIN_FUNCTIONS
-
-
-def _moves_last_axis(node: fx.Node, ndim: int) -> bool:
-    """Whether a transpose/permute moves the input's last axis (the features) elsewhere."""
-    name = node.target if isinstance(node.target, str) else node.target.__name__
-    dims = list(node.args[1:])
-    if name == "transpose":
-        return any(isinstance(d, int) and d % ndim == ndim - 1 for d in dims[:2])
-    if name == "permute":
-        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-            dims = list(dims[0])
-        return not dims or not isinstance(dims[-1], int) or dims[-1] % ndim != ndim - 1
-    return False
-
-
-_ROWWISE_FUNCTIONS = {
-    F.gelu, F.relu, F.silu, F.mish, F.dropout, F.layer_norm, torch.tanh, torch.sigmoid,
-    torch.relu, torch.nn.functional.hardswish, operator.mul, operator.add, operator.sub,
-    operator.truediv, torch.mul, torch.add, torch.sub,
-}  # fmt: skip
-_ROWWISE_METHODS = {"relu", "tanh", "sigmoid", "to", "float", "half", "bfloat16", "contiguous",
-                    "mul", "add", "sub", "div", "type_as"}  # fmt: skip
-
-
-def _same_size(a: object, b: object) -> bool:
-    """Size equality without guarding on symbolic sizes (compared as expressions)."""
-    sa, sb = _static_int(a), _static_int(b)
-    if sa is not None and sb is not None:
-        return sa == sb
-    return str(a) == str(b)
-
-
-def _flatten_source(node: fx.Node) -> fx.Node | None:
-    """The earliest rank-3 tensor that ``node`` (rank 2) is a flattening of, through chain ops
-    that keep its last axis; None if there is none."""
-    t = _example(node)
-    feat = _static_int(t.shape[-1]) if t is not None and t.ndim else None
-    best = None
-    for _ in range(MAX_TRACE_NODES):
-        if not _is_chain_op(node):
-            break
-        src = node.args[0]
-        src_t = _example(src)
-        if src_t is None or src_t.ndim == 0 or _moves_last_axis(node, src_t.ndim):
-            break
-        if feat is None or _static_int(src_t.shape[-1]) != feat:
-            break
-        if src_t.ndim == 3:
-            best = src
-        node = src
-    return best
-
-
-def _row_source(gm: fx.GraphModule, x: fx.Node) -> fx.Node | None:
-    """For a ``[N, F]`` activation: a ``[B, S, *]`` tensor with ``B * S == N`` that ``x``'s rows
-    come from through row-wise ops (activations, norms, elementwise arithmetic, linears), found
-    where an ancestor is a flattening of it; None if there is none."""
-    rows = _example(x).shape[0]
-    todo, seen = [x], set()
-    while todo and len(seen) < MAX_TRACE_NODES:
-        n = todo.pop()
-        if n in seen or not isinstance(n, fx.Node):
-            continue
-        seen.add(n)
-        t = _example(n)
-        if t is None or t.ndim != 2 or not _same_size(t.shape[0], rows):
-            continue
-        src = _flatten_source(n)
-        if src is not None:
-            st = _example(src)
-            if _same_size(st.shape[0] * st.shape[1], rows):
-                return src
-        operands = linear_operands(gm, n)
-        if operands is not None:
-            todo.append(n.args[operands[0]])
-        elif (n.op == "call_function" and n.target in _ROWWISE_FUNCTIONS) or (
-            n.op == "call_method" and n.target in _ROWWISE_METHODS
-        ):
-            todo.extend(a for a in n.args if isinstance(a, fx.Node))
-    return None
-
-
-def _sequence_origin(
-    x: object, features: int | None, gm: fx.GraphModule | None = None
-) -> tuple[fx.Node | None, tuple[fx.Node, ...], int | None, str | None, fx.Node | None]:
-    """(origin, chain, seq_dim, reason) for the activation argument of a linear.
-
-    A rank-3 input is ``[batch, seq, features]`` itself. Any other input is traced back through
-    a chain of view / reshape / flatten / unflatten / contiguous / transpose / permute ops that
-    keep the features as the last axis (e.g. ``[B, S, D] -> [B*S, D]``, or a transpose of the
-    leading axes first) to the earliest ``[batch, seq, features]`` tensor on it: that is the
-    origin, quantized along its axis 1, and the chain (origin's user first) is re-applied.
-    A ``[B*S, F]`` input with no such chain whose rows come from one through row-wise ops
-    (:func:`_row_source`) is its own origin, unflattened to ``[B, S, F]`` by the pass (the last
-    element names the tensor that gives ``B`` and ``S``)."""
-    t = _example(x)
-    if not isinstance(x, fx.Node) or t is None:
-        return None, (), None, "activation has no example value", None
-    if t.ndim == 3:
-        return x, (), 1, None, None
-    feat = _static_int(t.shape[-1]) if t.ndim else None
-    chain: list[fx.Node] = []
-    best: tuple[fx.Node, tuple[fx.Node, ...]] | None = None
-    node = x
-    while _is_chain_op(node) and len(chain) < MAX_TRACE_NODES:
-        src = node.args[0]
-        src_t = _example(src)
-        if src_t is None or src_t.ndim == 0 or _moves_last_axis(node, src_t.ndim):
-            break
-        if feat is None or _static_int(src_t.shape[-1]) != feat:
-            break  # the chain splits or merges the features
-        chain.insert(0, node)
-        if src_t.ndim == 3:
-            best = (src, tuple(chain))
-        node = src
-    if best is not None:
-        return best[0], best[1], 1, None, None
-    if t.ndim == 2:
-        source = _row_source(gm, x) if gm is not None else None
-        if source is not None:
-            return x, (), 1, None, source
-        return (
-            None,
-            (),
-            None,
-            "input is [tokens, features] with no [batch, seq, features] origin (no sequence axis)",
-            None,
-        )
-    return (
-        None,
-        (),
-        None,
-        f"input has rank {t.ndim} and no [batch, seq, features] origin; expected [batch, seq, features]",
-        None,
-    )
-
-
 def find_sites(gm: fx.GraphModule) -> list[Site]:
     """Every linear input and every SDPA key/value in ``gm``, with roles and legality."""
     cores = find_attention_cores(gm)
@@ -291,7 +137,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         fqn = module_fqn(node) or str(node.target if node.op == "call_module" else node.name)
         features = _feature_count(weight, node, index)
         role = _role(roles.get(node, set()), node in cross_linears, _in_block(fqn))
-        origin, chain, seq_dim, reason, unflatten = _sequence_origin(node.args[index], features, gm)
+        origin, chain, seq_dim, reason, unflatten = sequence_origin(node.args[index], features, gm)
         sites.append(
             Site(
                 fqn=fqn,
@@ -328,20 +174,10 @@ def _activation(gm: fx.GraphModule, lin: fx.Node) -> object:
     return lin.args[ops[0]] if ops else None
 
 
-def _static_int(size: object) -> int | None:
-    """An int for a static size, including a SymInt that Dynamo specialised to a constant (a
-    dim marked dynamic that a weight's shape pinned); None for a truly symbolic size."""
-    if isinstance(size, int):
-        return int(size)
-    if isinstance(size, torch.SymInt) and is_concrete_int(size):
-        return int(size)
-    return None
-
-
 def _feature_count(weight: object, node: fx.Node, index: int) -> int | None:
     t = _example(node.args[index])
     if t is not None and t.ndim >= 1:
-        return _static_int(t.shape[-1])
+        return static_int(t.shape[-1])
     return None
 
 
@@ -384,7 +220,7 @@ def _kv_sites(cores: Iterable[AttentionCore], cross_cores: set[fx.Node]) -> list
                     origin=arg if reason is None else None,
                     seq_dim=2 if reason is None else None,
                     shape=shape_str(t),
-                    features=_static_int(t.shape[-1]) if t is not None and t.ndim else None,
+                    features=static_int(t.shape[-1]) if t is not None and t.ndim else None,
                     in_block=_in_block(fqn),
                     cross=cross,
                     reason=reason,
@@ -406,7 +242,7 @@ def _write_site(fqn: str, slot: str, write: CacheWrite, cross: bool) -> Site:
         origin=write.new,
         seq_dim=2,
         shape=shape_str(t),
-        features=_static_int(t.shape[-1]),
+        features=static_int(t.shape[-1]),
         in_block=_in_block(fqn),
         cross=cross,
         extra={"cache_write": write.kind},
@@ -447,7 +283,7 @@ def is_decode_graph(gm: fx.GraphModule) -> bool:
             if probs is None or probs.ndim < 2:
                 continue
             queries, keys = probs.shape[-2], probs.shape[-1]
-        if _static_int(queries) == 1 and _static_int(keys) != 1:
+        if static_int(queries) == 1 and static_int(keys) != 1:
             return True
     return False
 
@@ -477,4 +313,4 @@ def mask_matches(mask: fx.Node, x: fx.Node, seq_dim: int) -> bool:
     m, t = _example(mask), _example(x)
     if m is None or t is None or m.ndim != 2 or t.ndim <= seq_dim or seq_dim < 1:
         return False
-    return _same_size(m.shape[0], t.shape[0]) and _same_size(m.shape[1], t.shape[seq_dim])
+    return same_size(m.shape[0], t.shape[0]) and same_size(m.shape[1], t.shape[seq_dim])

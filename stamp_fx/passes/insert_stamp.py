@@ -3,7 +3,7 @@ front of every planned site.
 
 Sites that read the same tensor with the same policy (q/k/v projections, gate/up) share one
 quantized tensor: quantize once, not once per consumer. A flattened ``[B*S, D]`` input (or any
-layout chain, see ``analysis._sequence_origin``) is quantized at its ``[B, S, D]`` origin and
+layout chain, see ``sequence_axis.sequence_origin``) is quantized at its ``[B, S, D]`` origin and
 the chain is re-applied. Running the pass again finds
 the inserted ops and adds nothing (idempotent).
 
