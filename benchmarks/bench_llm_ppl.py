@@ -154,9 +154,36 @@ def rotation_rows() -> list[Method]:
     return rows
 
 
+def clip_rows() -> list[Method]:
+    """``--rows clip``: each activation row of the paper's protocol with and without the
+    per-site clip-ratio search (``calibrate(clip_search=True)`` on the calibration windows),
+    under the full-width rotation."""
+    ft = {"feature_transform": "hadamard", "feature_block": "full"}
+    base = [
+        ("A4 RTN +Hfull", {"transform": "identity", "high_tokens": 0, **ft}),
+        (
+            "A4 + first 64 raw at 8 +Hfull",
+            {"transform": "identity", "high_tokens": 64, "sink_tokens": 0, **ft},
+        ),
+        (
+            "STaMP haar 64@8 sinks=1 +Hfull",
+            {"transform": "haar", "high_tokens": 64, "sink_tokens": 1, **ft},
+        ),
+    ]
+    rows = [Method("FP", None)]
+    for name, options in base:
+        rows.append(Method(name, options))
+        rows.append(Method(f"{name} +clip", {**options, "clip_search": True}))
+    return rows
+
+
 def needs_calibration(method: Method) -> bool:
     opts = method.options or {}
-    return opts.get("transform") == "klt" or opts.get("avg_bits") is not None
+    return (
+        opts.get("transform") == "klt"
+        or opts.get("avg_bits") is not None
+        or bool(opts.get("clip_search"))
+    )
 
 
 def capture_inputs(model, window: torch.Tensor, layers: list[int]) -> dict[str, torch.Tensor]:
@@ -254,9 +281,10 @@ def main() -> int:
     parser.add_argument("--calib-windows", type=int, default=4)
     parser.add_argument(
         "--rows",
-        choices=["quick", "core", "all", "rotation"],
+        choices=["quick", "core", "all", "rotation", "clip"],
         default="core",
-        help="rotation: block (pow2) against full-width feature rotation",
+        help="rotation: block (pow2) against full-width feature rotation; clip: with and "
+        "without the clip-ratio search",
     )
     parser.add_argument("--only", default=None, help="run only rows whose name contains this text")
     parser.add_argument(
@@ -297,7 +325,8 @@ def main() -> int:
     )
 
     rows, results = [], []
-    methods = rotation_rows() if args.rows == "rotation" else method_rows(args.rows, avg_paper)
+    special = {"rotation": rotation_rows, "clip": clip_rows}
+    methods = special[args.rows]() if args.rows in special else method_rows(args.rows, avg_paper)
     if args.slice:
         start_s, _, stop_s = args.slice.partition(":")
         methods = methods[int(start_s or 0) : int(stop_s) if stop_s else None]
@@ -308,11 +337,13 @@ def main() -> int:
         options = dict(method.options or {})
         if needs_calibration(method):
             torch._dynamo.reset()
+            calibration = dict(options)
             plan = calibrate(
                 loaded.model,
                 [{"input_ids": w.unsqueeze(0)} for w in calib],
                 show_progress=False,
-                **options,
+                clip_search=calibration.pop("clip_search", False),
+                **calibration,
             )
             method = Method(
                 method.name, {"plan": plan, "quantize_kv": options.get("quantize_kv", False)}

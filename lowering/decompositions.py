@@ -136,13 +136,24 @@ def _fake_quant_rows(z: Tensor, qmax: Tensor, policy: SitePolicy) -> Tensor:
         g = z.unflatten(-1, (d // policy.group_size, policy.group_size))
     qm = qmax.view([qmax.shape[0]] + [1] * (g.ndim - 1))
     tiny = torch.finfo(z.dtype).tiny
+    clip = None
+    if policy.clips:
+        # Per token by its width, as SitePolicy.clip_vector: qmax grows with the bits.
+        high = 2 ** (policy.high_bits - 1) - 1 if policy.symmetric else 2**policy.high_bits - 1
+        ratio = lambda r: torch.full((), r, dtype=z.dtype, device=z.device)  # noqa: E731
+        clip = torch.where(qm >= high, ratio(policy.high_clip_ratio), ratio(policy.clip_ratio))
     if policy.symmetric:
-        scale = (g.abs().amax(-1, keepdim=True) / qm).clamp_min(tiny)
+        amax = g.abs().amax(-1, keepdim=True)
+        if clip is not None:
+            amax = amax * clip
+        scale = (amax / qm).clamp_min(tiny)
         codes = torch.minimum(torch.maximum(torch.round(g / scale), -qm), qm)
         out = codes * scale
     else:
-        lo = g.amin(-1, keepdim=True)
-        scale = ((g.amax(-1, keepdim=True) - lo) / qm).clamp_min(tiny)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        if clip is not None:
+            lo, hi = lo * clip, hi * clip
+        scale = ((hi - lo) / qm).clamp_min(tiny)
         codes = torch.minimum(torch.round((g - lo) / scale).clamp_min(0.0), qm)
         out = codes * scale + lo
     return out.flatten(-2)
@@ -205,6 +216,7 @@ def policy_of(
     band_bits: list[int],
     symmetric: bool,
     group_size: int,
+    clip: list[float],
     autocorr: Tensor | None,
 ) -> SitePolicy:
     """The :class:`SitePolicy` spelled out by ``stamp::fake_quant``'s arguments (validated).
@@ -220,7 +232,7 @@ def policy_of(
         concrete(sink_tokens),
         concrete(high_tokens), concrete(high_bits), concrete(low_bits),
         [float(e) for e in band_edges], [concrete(b) for b in band_bits],
-        bool(symmetric), concrete(group_size), autocorr is not None,
+        bool(symmetric), concrete(group_size), [float(c) for c in clip], autocorr is not None,
     )  # fmt: skip
 
 
@@ -239,6 +251,7 @@ def stamp_fake_quant_decomposition(
     band_bits: list[int],
     symmetric: bool,
     group_size: int,
+    clip: list[float],
     autocorr: Tensor | None = None,
 ):
     """Decomposition of ``stamp::fake_quant.default`` (same signature as the op).
@@ -251,7 +264,7 @@ def stamp_fake_quant_decomposition(
         return NotImplemented
     policy = policy_of(
         transform, levels, depth_target, grid, sink_tokens, high_tokens, high_bits,
-        low_bits, band_edges, band_bits, symmetric, group_size, autocorr,
+        low_bits, band_edges, band_bits, symmetric, group_size, clip, autocorr,
     )  # fmt: skip
     if symbolic_length(x, seq_dim) and traceable.shape_depends_on_length(policy):
         # A dynamic length whose coefficient layout changes by bracket (auto Haar levels, the

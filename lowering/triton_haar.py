@@ -464,8 +464,8 @@ def eligible(x: Tensor, policy: SitePolicy, seq_dim: int) -> bool:
         return False
     if seq_dim % x.ndim != x.ndim - 2:
         return False
-    if policy.bands is not None or policy.group_size is not None:
-        return False
+    if policy.bands is not None or policy.group_size is not None or policy.clips:
+        return False  # the kernel computes plain min-max ranges over whole tokens
     if policy.transform == "haar2d":
         return _grid_eligible(x, policy)
     if policy.transform != "haar":

@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
 from .backend import StampCompiler
 from .calibrate import EnergyObserver, run_batch
+from .clip_search import ClipSearch, clip_ratios_from
 from .config import StampConfig
 from .debug import format_site_table
 from .options import from_options
@@ -90,9 +91,14 @@ def calibrate(
     *,
     show_progress: bool = True,
     causal: bool | None = None,
+    clip_search: bool | Sequence[float] = False,
     **options: Any,
 ) -> AllocationPlan:
     """Run ``batches`` through ``model`` and return a calibrated plan (see the module docstring).
+
+    ``clip_search=True`` (or a list of candidate ratios in (0, 1]) also picks each site's clip
+    ratios, for its tokens below ``high_bits`` and for those at it, by least quantization error
+    on ``batches`` (:mod:`stamp_fx.clip_search`); the plan stores them.
 
     ``options`` are the backend's policy options (``transform=``, ``avg_bits=``, ...), merged
     over ``config``, and ``debug_dir`` (graph dumps of the calibration graphs); the other
@@ -100,7 +106,11 @@ def calibrate(
     the plan and runs without Inductor.
     """
     config, debug_dir = merged_config(config, options, what="calibrate")
-    observer = EnergyObserver()
+    ratios = clip_ratios_from(clip_search)
+    search = None
+    if ratios is not None:
+        search = ClipSearch(ratios, config.allowed_bits if config.avg_bits is not None else ())
+    observer = EnergyObserver(search)
     compiler = run_observed(
         model,
         batches,

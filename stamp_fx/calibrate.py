@@ -9,7 +9,9 @@ quantization ops; :meth:`EnergyObserver.finalize` then returns an
 * with ``config.avg_bits`` set, each site's transformed tokens get solver-allocated bits at that
   average (sinks stay at ``high_bits`` and count in the budget), stored length-independently as
   a :class:`~stamp_fx.allocation.SpectralBitPlan`; otherwise the first-``high_tokens`` rule stays;
-* ``plan.meta["energy_fraction"]`` holds each site's share of energy in its high-precision tokens.
+* ``plan.meta["energy_fraction"]`` holds each site's share of energy in its high-precision tokens;
+* with a :class:`~stamp_fx.clip_search.ClipSearch`, each site's clip ratios are the searched
+  ones (``plan.meta["clip_ratios"]``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .allocation import SpectralBitPlan, solve_token_bits
+from .clip_search import ClipSearch
 from .config import StampConfig
 from .plan import AllocationPlan, SitePolicy
 from .reference import clamp_sinks, transformed_tokens
@@ -46,7 +49,8 @@ class _SiteStats:
 class EnergyObserver:
     """Observer mode: the pass inserts calls to :meth:`observe` ``(x, site_keys, seq_dim) -> x``."""
 
-    def __init__(self) -> None:
+    def __init__(self, clip_search: ClipSearch | None = None) -> None:
+        self.clip_search = clip_search
         self.policies: dict[str, SitePolicy] = {}
         self.stats: dict[str, _SiteStats] = {}
         self.autocorr_owner: dict[str, str] = {}
@@ -78,6 +82,8 @@ class EnergyObserver:
                 x.detach(), policy.make_transform(), sink_tokens=sinks, seq_dim=seq_dim
             )
             z = z.to(torch.float64).movedim(seq_dim, 0)
+            if self.clip_search is not None:
+                self.clip_search.observe(key, z, policy, length)
             e = z.square().reshape(z.shape[0], -1).sum(1)
             stats.energy[length] = stats.energy.get(length, 0) + e
             stats.range2[length] = stats.range2.get(length, 0) + _expected_error_weight(z, policy)
@@ -112,7 +118,7 @@ class EnergyObserver:
         return n, table[n] / stats.count[n], {}
 
     def finalize(self, plan: AllocationPlan, config: StampConfig) -> AllocationPlan:
-        sites, tensors, fractions = {}, dict(plan.tensors), {}
+        sites, tensors, fractions, clips = {}, dict(plan.tensors), {}, {}
         for key, policy in plan.sites.items():
             if key not in self.stats:
                 sites[key] = policy  # never executed by the calibration data
@@ -124,9 +130,14 @@ class EnergyObserver:
             if config.avg_bits is not None:
                 _, weights, _ = self.site_energies(key, config.allocation_metric)
                 policy = policy.with_bands(_solve_bands(policy, weights, config))
+            if self.clip_search is not None:  # after the bands: it picks for their widths
+                policy = self.clip_search.choose(key, policy)
+                clips[key] = [policy.high_clip_ratio, policy.clip_ratio]
             sites[key] = policy
             fractions[key] = _high_energy_fraction(policy, energies)
         meta = {**plan.meta, "energy_fraction": fractions, "calibrated": True}
+        if self.clip_search is not None:
+            meta["clip_ratios"] = clips  # [tokens at high_bits, tokens below], per site
         return AllocationPlan(sites=sites, skipped=plan.skipped, tensors=tensors, meta=meta)
 
 

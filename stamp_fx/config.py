@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .bitwidths import MAX_BITS, MIN_BITS, is_finite_number, validate_bits
-from .quantizer import TokenBits
+from .quantizer import TokenBits, validate_clip_ratio
 from .rotations import validate_feature_block
 from .transforms import (
     FEATURE_TRANSFORMS,
@@ -73,6 +73,12 @@ class StampConfig:
     symmetric: bool = False
     group_size: int | None = None
     """Channels per quantization group; None = one range per token."""
+    clip_ratio: float = 1.0
+    """Range ratio of the tokens below ``high_bits``: each token's min-max range shrinks toward
+    zero by it and what falls outside saturates (1 = plain min-max). ``stamp_fx.calibrate(...,
+    clip_search=True)`` searches it per site."""
+    high_clip_ratio: float = 1.0
+    """The same for the tokens at ``high_bits`` (sinks included)."""
     allowed_bits: tuple[int, ...] = (4, 8)
     """Bit widths the solver may assign."""
     avg_bits: float | None = None
@@ -151,6 +157,8 @@ class StampConfig:
             raise ValueError(
                 f"group_size: must be None (per token) or a positive int, got {self.group_size!r}"
             )
+        for name in ("clip_ratio", "high_clip_ratio"):
+            object.__setattr__(self, name, validate_clip_ratio(getattr(self, name), name))
         allowed = self.allowed_bits
         if not isinstance(allowed, (list, tuple)) or not allowed:
             raise ValueError(
@@ -291,6 +299,8 @@ POLICY_FIELDS = (
     "sink_tokens",
     "symmetric",
     "group_size",
+    "clip_ratio",
+    "high_clip_ratio",
 )
 """StampConfig fields an override may set for the sites it matches."""
 

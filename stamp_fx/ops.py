@@ -1,10 +1,12 @@
 """``stamp::`` custom ops: defined once, each with a fake (meta) impl and the reference impl.
 
-``torch.ops.stamp.fake_quant(x, seq_dim, transform, levels, depth_target, grid, sink_tokens, high_tokens,
-high_bits, low_bits, band_edges, band_bits, symmetric, group_size, autocorr)`` is the STaMP fake
-quantization of one site (see :class:`stamp_fx.plan.SitePolicy`, whose fields the arguments
-spell out with sentinels: ``levels=-1`` auto, ``grid=[]`` none, ``group_size=0`` per token,
-empty ``band_edges`` for the first-``high_tokens`` rule). A policy's feature rotation is a
+``torch.ops.stamp.fake_quant(x, seq_dim, transform, levels, depth_target, grid, sink_tokens,
+high_tokens, high_bits, low_bits, band_edges, band_bits, symmetric, group_size, clip, autocorr)``
+is the STaMP fake quantization of one site (see
+:class:`stamp_fx.plan.SitePolicy`, whose fields the arguments spell out with sentinels:
+``levels=-1`` auto, ``depth_target=-1`` = ``high_tokens``, ``grid=[]`` none, ``group_size=0``
+per token, empty ``band_edges`` for the first-``high_tokens`` rule, ``clip=[]`` none, else
+``[high_clip_ratio, clip_ratio]``). A policy's feature rotation is a
 separate op placed before and after it: ``torch.ops.stamp.hadamard(x, block)`` for a
 power-of-two block (symmetric, its own inverse, the op the Triton kernel can take), or
 ``torch.ops.stamp.rotate(x, block, inverse)`` for any other block (:mod:`stamp_fx.rotations`:
@@ -65,6 +67,9 @@ def op_args(policy: SitePolicy, seq_dim: int) -> tuple:
         list(bands.bits) if bands else [],
         policy.symmetric,
         policy.group_size or 0,
+        # [] unless the site clips: no float arguments on the common path (Dynamo lifts
+        # floats read in traced Python to graph inputs, and a new value would recompile).
+        [policy.high_clip_ratio, policy.clip_ratio] if policy.clips else [],
     )
 
 
@@ -81,6 +86,7 @@ def policy_from_op_args(
     band_bits: list[int],
     symmetric: bool,
     group_size: int,
+    clip: list[float],
     has_autocorr: bool,
 ) -> SitePolicy:
     return SitePolicy(
@@ -95,6 +101,8 @@ def policy_from_op_args(
         bands=SpectralBitPlan(tuple(band_edges), tuple(band_bits)) if band_edges else None,
         symmetric=symmetric,
         group_size=group_size or None,
+        high_clip_ratio=clip[0] if clip else 1.0,
+        clip_ratio=clip[1] if clip else 1.0,
         autocorr_key="autocorr" if has_autocorr else None,
     )
 
@@ -123,18 +131,19 @@ def fake_quant_op(
     band_bits: list[int],
     symmetric: bool,
     group_size: int,
+    clip: list[float],
     autocorr: Tensor | None = None,
 ) -> Tensor:
     policy, tensors = _decode(
         transform, levels, depth_target, grid, sink_tokens, high_tokens, high_bits,
-        low_bits, band_edges, band_bits, symmetric, group_size, autocorr,
+        low_bits, band_edges, band_bits, symmetric, group_size, clip, autocorr,
     )  # fmt: skip
     return policy.apply_sequence(x, seq_dim, tensors).contiguous()
 
 
 @fake_quant_op.register_fake
 def _(x, seq_dim, transform, levels, depth_target, grid, sink_tokens, high_tokens, high_bits,
-      low_bits, band_edges, band_bits, symmetric, group_size, autocorr=None):  # fmt: skip
+      low_bits, band_edges, band_bits, symmetric, group_size, clip, autocorr=None):  # fmt: skip
     # Always contiguous, like the real impl, whatever the input's strides.
     return x.new_empty(x.shape)
 
@@ -144,7 +153,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _straight_through(ctx, grad):
-    return (grad,) + (None,) * 14
+    return (grad,) + (None,) * 15
 
 
 fake_quant_op.register_autograd(_straight_through, setup_context=_setup_context)
@@ -203,23 +212,24 @@ def fake_quant_masked_op(
     band_bits: list[int],
     symmetric: bool,
     group_size: int,
+    clip: list[float],
     autocorr: Tensor | None = None,
 ) -> Tensor:
     policy, tensors = _decode(
         transform, levels, depth_target, grid, sink_tokens, high_tokens, high_bits,
-        low_bits, band_edges, band_bits, symmetric, group_size, autocorr,
+        low_bits, band_edges, band_bits, symmetric, group_size, clip, autocorr,
     )  # fmt: skip
     return masked_apply(policy, x, mask, seq_dim, tensors)
 
 
 @fake_quant_masked_op.register_fake
 def _(x, mask, seq_dim, transform, levels, depth_target, grid, sink_tokens, high_tokens,
-      high_bits, low_bits, band_edges, band_bits, symmetric, group_size, autocorr=None):  # fmt: skip
+      high_bits, low_bits, band_edges, band_bits, symmetric, group_size, clip, autocorr=None):  # fmt: skip
     return x.new_empty(x.shape)
 
 
 def _straight_through_masked(ctx, grad):
-    return (grad,) + (None,) * 15
+    return (grad,) + (None,) * 16
 
 
 fake_quant_masked_op.register_autograd(_straight_through_masked, setup_context=_setup_context)

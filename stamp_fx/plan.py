@@ -93,6 +93,10 @@ class SitePolicy:
     bands: SpectralBitPlan | None = None
     symmetric: bool = False
     group_size: int | None = None
+    clip_ratio: float = 1.0
+    """Range ratio of the tokens below ``high_bits`` (``StampConfig.clip_ratio``)."""
+    high_clip_ratio: float = 1.0
+    """Range ratio of the tokens at ``high_bits``, sinks included."""
     autocorr_key: str | None = None
     """Key of the KLT token autocorrelation in the plan's tensors (transform 'klt' only)."""
 
@@ -112,7 +116,11 @@ class SitePolicy:
             sink_tokens=self.sink_tokens,
             symmetric=self.symmetric,
             group_size=self.group_size,
+            clip_ratio=self.clip_ratio,
+            high_clip_ratio=self.high_clip_ratio,
         )
+        for name in ("clip_ratio", "high_clip_ratio"):  # as floats, so JSON round-trips equal
+            object.__setattr__(self, name, float(getattr(self, name)))
         if self.grid is not None:
             object.__setattr__(self, "grid", tuple(self.grid))
 
@@ -133,6 +141,8 @@ class SitePolicy:
             low_bits=config.low_bits,
             symmetric=config.symmetric,
             group_size=config.group_size,
+            clip_ratio=config.clip_ratio,
+            high_clip_ratio=config.high_clip_ratio,
         )
 
     # -- evaluation ------------------------------------------------------------------------
@@ -162,6 +172,18 @@ class SitePolicy:
             )
         return [self.high_bits] * sinks + self.bands.token_bits(quantized_length - sinks)
 
+    @property
+    def clips(self) -> bool:
+        """Whether any token's range is clipped."""
+        return self.clip_ratio != 1.0 or self.high_clip_ratio != 1.0
+
+    def clip_vector(self, bits: list[int]) -> list[float] | None:
+        """Clip ratio per token of the quantized sequence whose widths are ``bits`` (None: no
+        clipping): ``high_clip_ratio`` at ``high_bits`` and above, ``clip_ratio`` below."""
+        if not self.clips:
+            return None
+        return [self.high_clip_ratio if b >= self.high_bits else self.clip_ratio for b in bits]
+
     def bit_vector(self, transform: SequenceTransform, length: int) -> list[int]:
         """Bits over the quantized sequence (sinks, then coefficients) for ``length`` tokens."""
         sinks = clamp_sinks(self.sink_tokens, length)
@@ -190,14 +212,16 @@ class SitePolicy:
     ) -> Tensor:
         """The sequence-transform fake quantization alone (``stamp::fake_quant``)."""
         t = self.make_transform(tensors)
+        bits = self.bit_vector(t, x.shape[seq_dim])
         return stamp_fake_quant_ref(
             x,
             transform=t,
-            bits=self.bit_vector(t, x.shape[seq_dim]),
+            bits=bits,
             sink_tokens=self.sink_tokens,
             symmetric=self.symmetric,
             group_size=self.group_size,
             seq_dim=seq_dim,
+            clip=self.clip_vector(bits),
         )
 
     def describe(self) -> str:
@@ -226,6 +250,8 @@ class SitePolicy:
             )
         extra += " sym" if self.symmetric else ""
         extra += f" g={self.group_size}" if self.group_size else ""
+        if self.clips:
+            extra += f" clip={self.high_clip_ratio:g}/{self.clip_ratio:g}"
         return f"{xf} bits={bits}{extra}"
 
     # -- serialisation ---------------------------------------------------------------------

@@ -9,6 +9,9 @@ which bit widths may vary; every other dim is a batch dim.
   The zero point is the float offset ``lo`` (an integer kernel applies it as the rank-1
   correction ``lo * colsum(W)``), so every element is within half a step of its input.
 * Symmetric: ``scale = max|x| / (2**(b-1) - 1)``, ``code`` in ``-(2**(b-1)-1) .. 2**(b-1)-1``.
+* Clipping (``clip``, a ratio ``0 < c <= 1`` per token): the range shrinks toward zero before
+  the step is taken (``lo * c``, ``hi * c``; symmetric ``max|x| * c``), and codes are clamped to
+  the grid, so the values outside the clipped range saturate. ``c = 1`` is exactly min-max.
 
 Scales and offsets are float32 whatever the input dtype (float64 input stays float64, for
 oracles). A constant token or an all-zero padding token has ``scale == 0``; it is clamped to the
@@ -31,6 +34,8 @@ __all__ = [
     "MAX_BITS",
     "TokenBits",
     "BitsSpec",
+    "ClipSpec",
+    "validate_clip_ratio",
     "validate_bits",
     "working_dtype",
     "token_bit_vector",
@@ -134,6 +139,38 @@ def _bits_tensor(bits: BitsSpec, x: Tensor, token_dim: int) -> Tensor:
     return torch.tensor(vec, dtype=working_dtype(x.dtype), device=x.device).view(shape)
 
 
+ClipSpec = float | Sequence[float] | None
+"""Clip ratio of every token, one per token, or None (min-max, no clipping)."""
+
+
+def validate_clip_ratio(value: object, name: str = "clip_ratio") -> float:
+    """A clip ratio: a number in (0, 1] (1 = the min-max range); raises ``ValueError`` naming
+    ``name`` otherwise. The one check for every clip ratio (configs, policies, the search)."""
+    from .bitwidths import is_finite_number
+
+    if not is_finite_number(value) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name}: must be a number in (0, 1] (1 = no clipping), got {value!r}")
+    return float(value)
+
+
+def _clip_tensor(clip: ClipSpec, x: Tensor, token_dim: int) -> Tensor | None:
+    """Clip ratios broadcastable like :func:`_bits_tensor`'s bits, or None when nothing clips."""
+    token_dim = token_dim % x.ndim
+    if clip is None:
+        return None
+    if not isinstance(clip, Sequence):
+        ratio = validate_clip_ratio(clip, "clip")
+        return None if ratio == 1.0 else torch.tensor(ratio, dtype=working_dtype(x.dtype))
+    vec = [validate_clip_ratio(c, "clip[i]") for c in clip]
+    if len(vec) != x.shape[token_dim]:
+        raise ValueError(f"clip has {len(vec)} entries but the sequence has {x.shape[token_dim]}")
+    if all(c == 1.0 for c in vec):
+        return None
+    shape = [1] * (x.ndim + 1)
+    shape[token_dim] = len(vec)
+    return torch.tensor(vec, dtype=working_dtype(x.dtype), device=x.device).view(shape)
+
+
 def compute_qparams(
     x: Tensor,
     bits: BitsSpec,
@@ -141,20 +178,27 @@ def compute_qparams(
     token_dim: int = -2,
     symmetric: bool = False,
     group_size: int | None = None,
+    clip: ClipSpec = None,
 ) -> QuantParams:
-    """Min-max scales/offsets for ``x`` (see the module docstring for the layout)."""
+    """Min-max scales/offsets for ``x`` (see the module docstring for the layout), the range
+    shrunk by ``clip`` where given."""
     pdt = working_dtype(x.dtype)
     g = _grouped(x, group_size).to(pdt)
     b = _bits_tensor(bits, x, token_dim)
+    c = _clip_tensor(clip, x, token_dim)
     tiny = torch.finfo(pdt).tiny
     if symmetric:
         qmax = torch.exp2(b - 1) - 1
         amax = g.abs().amax(-1, keepdim=True)
+        if c is not None:
+            amax = amax * c.to(amax.device)
         scale = (amax / qmax).clamp_min(tiny)
         return QuantParams(scale, torch.zeros_like(scale), -qmax, qmax, True)
     qmax = torch.exp2(b) - 1
     lo = g.amin(-1, keepdim=True)
     hi = g.amax(-1, keepdim=True)
+    if c is not None:
+        lo, hi = lo * c.to(lo.device), hi * c.to(hi.device)
     scale = ((hi - lo) / qmax).clamp_min(tiny)
     return QuantParams(scale, lo, torch.zeros_like(qmax), qmax, False)
 
@@ -178,9 +222,11 @@ def fake_quant(
     token_dim: int = -2,
     symmetric: bool = False,
     group_size: int | None = None,
+    clip: ClipSpec = None,
 ) -> Tensor:
-    """Quantize then dequantize ``x`` with per-token (per-group) min-max ranges."""
+    """Quantize then dequantize ``x`` with per-token (per-group) min-max ranges (shrunk by
+    ``clip``)."""
     params = compute_qparams(
-        x, bits, token_dim=token_dim, symmetric=symmetric, group_size=group_size
+        x, bits, token_dim=token_dim, symmetric=symmetric, group_size=group_size, clip=clip
     )
     return dequantize(quantize(x, params, group_size=group_size), params, x.dtype)

@@ -81,3 +81,8 @@ BRUTE_FORCE_REL = 1e-12
 # Budgets: the solvers may spend up to this many bits above a budget (allocation._BUDGET_EPS),
 # so that a budget met exactly in real arithmetic is not refused for a float rounding.
 BUDGET_SLACK_BITS = 1e-9
+
+CLIP_SEARCH_REL = 1e-4
+"""The clip search sums float32 per-token errors in the quantized domain; its brute-force oracle
+computes each ratio pair's whole-site error in float64 through the reference: the chosen pair's
+error may exceed the best one by this relative amount (float32 rounding of near-equal sums)."""

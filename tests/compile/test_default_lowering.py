@@ -33,6 +33,7 @@ LLAMA_CONFIGS = {
     "wht": {"transform": "wht"},
     "symmetric": {"symmetric": True},
     "groups": {"group_size": 8},
+    "clipped": {"clip_ratio": 0.85, "high_clip_ratio": 0.95},
 }
 
 

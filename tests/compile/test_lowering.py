@@ -41,6 +41,8 @@ policies = st.builds(
     bands=bands,
     symmetric=st.booleans(),
     group_size=st.none() | st.just(4),
+    clip_ratio=st.sampled_from([1.0, 0.9, 0.7]),
+    high_clip_ratio=st.sampled_from([1.0, 0.95]),
 )
 # (shape builder, seq_dim): [B, S, D] linear inputs, [B, H, S, Dh] attention K/V, bare [S, D],
 # and a transposed (non-contiguous) [B, S, D].

@@ -17,6 +17,8 @@ policies = st.builds(
     bands=st.none() | st.just(SpectralBitPlan((0.25, 1.0), (8, 4))),
     symmetric=st.booleans(),
     group_size=st.none() | st.just(4),
+    clip_ratio=st.sampled_from([1.0, 0.8]),
+    high_clip_ratio=st.sampled_from([1.0, 0.9]),
 )
 
 

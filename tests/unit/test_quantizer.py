@@ -143,3 +143,56 @@ def test_token_bits_vector_and_average():
     assert TokenBits(64, 8, 4).average(4096) == pytest.approx(4.0625)
     assert token_bit_vector(TokenBits(9), 3) == [8, 8, 8]
     assert math.isclose(TokenBits(0).average(10), 4.0)
+
+
+# -- clipping -----------------------------------------------------------------------------------
+
+
+@given(
+    length=seq_lengths, seed=seeds, symmetric=st.booleans(), bits=st.integers(2, 8),
+    ratio=st.floats(0.3, 1.0),
+)  # fmt: skip
+def test_clip_shrinks_the_range_and_saturates(length, seed, symmetric, bits, ratio):
+    x = randn((2, length, 16), seed) * 3
+    y = fake_quant(x, bits, symmetric=symmetric, clip=ratio)
+    params = compute_qparams(x, bits, symmetric=symmetric, clip=ratio)
+    ulp = torch.finfo(torch.float32).eps * x.abs().amax().clamp_min(1e-30)
+    slack = HALF_STEP_SLACK_ULPS * ulp
+    if symmetric:
+        lo = -x.abs().amax(-1, keepdim=True) * ratio
+        hi = -lo
+    else:
+        lo, hi = x.amin(-1, keepdim=True) * ratio, x.amax(-1, keepdim=True) * ratio
+    # Never wider than the clipped range [lo*c, hi*c]: what lies outside saturates at its edge.
+    assert bool(((y >= lo - slack) & (y <= hi + slack)).all())
+    # Inside it, the error is within half of the (smaller) step.
+    inside = (x >= lo) & (x <= hi)
+    step = params.scale.squeeze(-1)
+    assert bool(((y - x).abs()[inside] <= (step / 2 + slack).expand_as(x)[inside]).all())
+
+
+@given(length=seq_lengths, seed=seeds, symmetric=st.booleans(), group=st.sampled_from([None, 4]))
+def test_clip_of_one_is_min_max_exactly(length, seed, symmetric, group):
+    x = randn((length, 16), seed)
+    plain = fake_quant(x, 4, symmetric=symmetric, group_size=group)
+    assert torch.equal(fake_quant(x, 4, symmetric=symmetric, group_size=group, clip=1.0), plain)
+    ones = [1.0] * length
+    assert torch.equal(fake_quant(x, 4, symmetric=symmetric, group_size=group, clip=ones), plain)
+
+
+def test_per_token_clip_applies_along_the_token_dim():
+    x = randn((3, 10, 8), 5) * 4
+    clip = [1.0] * 5 + [0.6] * 5
+    y = fake_quant(x, 4, token_dim=1, clip=clip)
+    assert torch.equal(y[:, :5], fake_quant(x[:, :5], 4, token_dim=1))
+    assert torch.equal(y[:, 5:], fake_quant(x[:, 5:], 4, token_dim=1, clip=0.6))
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, float("nan"), "0.9", True])
+def test_bad_clip_ratios_raise(bad):
+    with pytest.raises(ValueError, match=r"clip.*\(0, 1\]"):
+        fake_quant(randn((4, 8), 0), 4, clip=bad)
+    with pytest.raises(ValueError, match=r"clip.*\(0, 1\]"):
+        fake_quant(randn((4, 8), 0), 4, clip=[1.0, 1.0, bad, 1.0])
+    with pytest.raises(ValueError, match="clip has 2 entries but the sequence has 4"):
+        fake_quant(randn((4, 8), 0), 4, clip=[0.9, 0.9])
