@@ -24,6 +24,10 @@ earliest ``[B, S, D]`` origin (``origin`` is then that node and the pass re-appl
 anything else is not quantized, with a reason. :func:`unrecognised_linears` names matmul-family
 calls on parameters that are not recognised as linear layers (the backend warns about them).
 
+Tensor parallelism: :func:`stamp_fx.sharding.annotate_sharding` moves sites off
+``DTensor.from_local`` onto the local tensor and marks those whose features are split across
+ranks (``extra["shard"]``), or refuses a layout (sequence parallelism) with a reason.
+
 Padding: :func:`find_padding_mask` finds the HF ``attention_mask`` graph input (a 2-d padding
 mask or a 4-d attention mask, see :mod:`stamp_fx.padding`); the pass turns it into a
 ``[batch, seq]`` real-token mask and hands it to the sites whose ``[batch, seq]`` sizes match.
@@ -55,6 +59,7 @@ from .graph_ops import (
     unrecognised_linears,
 )
 from .kv_cache import CacheWrite, find_cache_write
+from .sharding import annotate_sharding
 
 __all__ = [
     "Site",
@@ -314,6 +319,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             )
         )
     sites.extend(_kv_sites(cores, cross_cores))
+    annotate_sharding(gm, sites)  # tensor parallelism: sharded features, DTensor inputs
     _dedupe_keys(sites)
     return sites
 

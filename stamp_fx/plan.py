@@ -174,9 +174,14 @@ class SitePolicy:
         return feature_rotation(self.apply_sequence(rotated, seq_dim, tensors), block, True)
 
     def apply_sequence(
-        self, x: Tensor, seq_dim: int, tensors: Mapping[str, Tensor] | None = None
+        self,
+        x: Tensor,
+        seq_dim: int,
+        tensors: Mapping[str, Tensor] | None = None,
+        reduce_range=None,
     ) -> Tensor:
-        """The sequence-transform fake quantization alone (``stamp::fake_quant``)."""
+        """The sequence-transform fake quantization alone (``stamp::fake_quant``);
+        ``reduce_range``: tensor parallelism's range combiner (``stamp::fake_quant_sharded``)."""
         t = self.make_transform(tensors)
         return stamp_fake_quant_ref(
             x,
@@ -186,6 +191,7 @@ class SitePolicy:
             symmetric=self.symmetric,
             group_size=self.group_size,
             seq_dim=seq_dim,
+            reduce_range=reduce_range,
         )
 
     def describe(self) -> str:

@@ -10,6 +10,11 @@ which bit widths may vary; every other dim is a batch dim.
   correction ``lo * colsum(W)``), so every element is within half a step of its input.
 * Symmetric: ``scale = max|x| / (2**(b-1) - 1)``, ``code`` in ``-(2**(b-1)-1) .. 2**(b-1)-1``.
 
+Tensor parallelism: ``reduce_range(lo, hi) -> (lo, hi)`` (None on one device) combines the
+per-(token, group) range of this rank's feature shard with the other ranks' before the scales are
+formed, so every rank quantizes with the range one device would compute over all features
+(:mod:`stamp_fx.sharded_ops`). Min and max are exact, so the combined range is bit-identical.
+
 Scales and offsets are float32 whatever the input dtype (float64 input stays float64, for
 oracles). A constant token or an all-zero padding token has ``scale == 0``; it is clamped to the
 smallest normal float so it never divides by zero and dequantizes exactly.
@@ -17,7 +22,7 @@ smallest normal float so it never divides by zero and dequantizes exactly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +36,7 @@ __all__ = [
     "MAX_BITS",
     "TokenBits",
     "BitsSpec",
+    "RangeReducer",
     "validate_bits",
     "working_dtype",
     "token_bit_vector",
@@ -71,6 +77,9 @@ class TokenBits:
 
 BitsSpec = int | TokenBits | Sequence[int] | Tensor
 """One width for every token, the compact first-k form, or one width per token."""
+
+RangeReducer = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+"""``(lo, hi) -> (lo, hi)``: the range over every rank's feature shard (see the module docstring)."""
 
 
 def token_bit_vector(bits: BitsSpec, length: int) -> list[int]:
@@ -141,8 +150,10 @@ def compute_qparams(
     token_dim: int = -2,
     symmetric: bool = False,
     group_size: int | None = None,
+    reduce_range: RangeReducer | None = None,
 ) -> QuantParams:
-    """Min-max scales/offsets for ``x`` (see the module docstring for the layout)."""
+    """Min-max scales/offsets for ``x`` (see the module docstring for the layout and
+    ``reduce_range``)."""
     pdt = working_dtype(x.dtype)
     g = _grouped(x, group_size).to(pdt)
     b = _bits_tensor(bits, x, token_dim)
@@ -150,11 +161,15 @@ def compute_qparams(
     if symmetric:
         qmax = torch.exp2(b - 1) - 1
         amax = g.abs().amax(-1, keepdim=True)
+        if reduce_range is not None:
+            amax = reduce_range(-amax, amax)[1]
         scale = (amax / qmax).clamp_min(tiny)
         return QuantParams(scale, torch.zeros_like(scale), -qmax, qmax, True)
     qmax = torch.exp2(b) - 1
     lo = g.amin(-1, keepdim=True)
     hi = g.amax(-1, keepdim=True)
+    if reduce_range is not None:
+        lo, hi = reduce_range(lo, hi)
     scale = ((hi - lo) / qmax).clamp_min(tiny)
     return QuantParams(scale, lo, torch.zeros_like(qmax), qmax, False)
 
@@ -178,9 +193,11 @@ def fake_quant(
     token_dim: int = -2,
     symmetric: bool = False,
     group_size: int | None = None,
+    reduce_range: RangeReducer | None = None,
 ) -> Tensor:
     """Quantize then dequantize ``x`` with per-token (per-group) min-max ranges."""
     params = compute_qparams(
-        x, bits, token_dim=token_dim, symmetric=symmetric, group_size=group_size
-    )
+        x, bits, token_dim=token_dim, symmetric=symmetric, group_size=group_size,
+        reduce_range=reduce_range,
+    )  # fmt: skip
     return dequantize(quantize(x, params, group_size=group_size), params, x.dtype)

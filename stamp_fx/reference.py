@@ -20,7 +20,14 @@ import torch
 from torch import Tensor
 
 from .config import StampConfig
-from .quantizer import BitsSpec, TokenBits, fake_quant, token_bit_vector, working_dtype
+from .quantizer import (
+    BitsSpec,
+    RangeReducer,
+    TokenBits,
+    fake_quant,
+    token_bit_vector,
+    working_dtype,
+)
 from .site_hooks import hook_sites
 from .transforms import SequenceTransform, make_transform
 
@@ -93,11 +100,15 @@ def stamp_fake_quant_ref(
     symmetric: bool = False,
     group_size: int | None = None,
     seq_dim: int = -2,
+    reduce_range: RangeReducer | None = None,
 ) -> Tensor:
     """STaMP fake quantization of ``x`` (features in the last dim); see the module docstring.
 
     ``bits`` is an int, a :class:`TokenBits` or one width per token of the quantized sequence
     (``sink_tokens + transform.coefficient_length(S - sink_tokens)`` entries).
+    ``reduce_range`` (tensor parallelism: ``x`` is one rank's feature shard) combines step 3's
+    per-token ranges across the shards (:mod:`stamp_fx.quantizer`); steps 2 and 4 act on each
+    feature column alone, so they need no communication.
     """
     seq_dim = seq_dim % x.ndim
     if seq_dim == x.ndim - 1:
@@ -106,7 +117,10 @@ def stamp_fake_quant_ref(
     length = x.shape[seq_dim]
     s = clamp_sinks(sink_tokens, length)
     z = transformed_tokens(x, t, sink_tokens=s, seq_dim=seq_dim)
-    z_hat = fake_quant(z, bits, token_dim=seq_dim, symmetric=symmetric, group_size=group_size)
+    z_hat = fake_quant(
+        z, bits, token_dim=seq_dim, symmetric=symmetric, group_size=group_size,
+        reduce_range=reduce_range,
+    )  # fmt: skip
     return _untransform(z_hat, t, s, length, seq_dim).to(x.dtype)
 
 
