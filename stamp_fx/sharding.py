@@ -123,6 +123,12 @@ def _spec(mesh, mesh_dim: int, features: int, local: int, source: str) -> ShardS
 
 def _from_dtensor_input(origin: fx.Node, seq_dim: int | None) -> tuple[fx.Node, object] | str:
     """For a site whose tensor is a DTensor: (the local tensor to quantize, ShardSpec or None)."""
+    if origin.op == "call_method" and origin.target == "redistribute" and origin.args:
+        src = example_tensor(origin.args[0])
+        if _is_dtensor(src):  # name the layout it came from (sequence parallelism)
+            reason = _feature_mesh_dim(src.placements, src.ndim, seq_dim)[1]
+            if reason is not None:
+                return reason
     if not _is_from_local(origin) or not isinstance(origin.args[0], fx.Node):
         return (
             "input is a DTensor computed inside the graph (e.g. a sequence-parallel plan's "

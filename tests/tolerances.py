@@ -81,3 +81,10 @@ BRUTE_FORCE_REL = 1e-12
 # Budgets: the solvers may spend up to this many bits above a budget (allocation._BUDGET_EPS),
 # so that a budget met exactly in real arithmetic is not refused for a float rounding.
 BUDGET_SLACK_BITS = 1e-9
+
+# Tensor parallelism against one process, float64: the row-parallel linears' partial sums are
+# added in another order (float64 rounding, far below a quantization step, so no code moves;
+# measured 0 on the tiny Llama). In float32 the same reordering can move a value across a
+# rounding boundary of a 4-bit code, and that step then propagates through the model: float32
+# runs are therefore compared site by site, not as whole models.
+TP_F64_TOL = {"rtol": 1e-10, "atol": 1e-10}
