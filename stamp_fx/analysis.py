@@ -330,8 +330,24 @@ def _unflattened_shape(origin: fx.Node, source: fx.Node) -> tuple[str, ...]:
 
 
 def _activation(gm: fx.GraphModule, lin: fx.Node) -> object:
+    """The tensor a linear reads, behind device moves: accelerate's hooks (``device_map``)
+    give every module its own ``x.to(device)``, which must not make q/k/v look like
+    cross-attention (reading different tensors)."""
     ops = linear_operands(gm, lin)
-    return lin.args[ops[0]] if ops else None
+    return _behind_device_moves(lin.args[ops[0]]) if ops else None
+
+
+def _behind_device_moves(x: object) -> object:
+    for _ in range(MAX_TRACE_NODES):
+        if not (isinstance(x, fx.Node) and x.op == "call_method" and x.target == "to"):
+            break
+        moves_only = all(isinstance(a, (str, torch.device)) for a in x.args[1:]) and set(
+            x.kwargs
+        ) <= {"device", "non_blocking", "copy"}
+        if not moves_only or not isinstance(x.args[0], fx.Node):
+            break
+        x = x.args[0]
+    return x
 
 
 def _static_int(size: object) -> int | None:
