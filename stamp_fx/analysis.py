@@ -22,6 +22,10 @@ another input is traced back to its ``[B, S, D]`` origin (``origin`` is then tha
 pass re-applies the chain); anything else is not quantized, with a reason. :func:`unrecognised_linears` names matmul-family
 calls on parameters that are not recognised as linear layers (the backend warns about them).
 
+Tensor parallelism: :func:`stamp_fx.sharding.annotate_sharding` moves sites off
+``DTensor.from_local`` onto the local tensor and marks those whose features are split across
+ranks (``extra["shard"]``), or refuses a layout (sequence parallelism) with a reason.
+
 Padding: :func:`find_padding_mask` finds the HF ``attention_mask`` graph input (a 2-d padding
 mask or a 4-d attention mask, see :mod:`stamp_fx.padding`); the pass turns it into a
 ``[batch, seq]`` real-token mask and hands it to the sites whose ``[batch, seq]`` sizes match.
@@ -32,10 +36,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx
 
 from .fx_values import example_tensor as _example
 from .graph_ops import (
+    MAX_TRACE_NODES,
     AttentionCore,
     find_attention_cores,
     is_linear,
@@ -49,6 +55,7 @@ from .graph_ops import (
 )
 from .kv_cache import CacheWrite, find_cache_write
 from .sequence_axis import same_size, sequence_origin, static_int
+from .sharding import annotate_sharding
 
 __all__ = [
     "Site",
@@ -160,6 +167,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             )
         )
     sites.extend(_kv_sites(cores, cross_cores))
+    annotate_sharding(gm, sites)  # tensor parallelism: sharded features, DTensor inputs
     _dedupe_keys(sites)
     return sites
 
@@ -170,8 +178,24 @@ def _unflattened_shape(origin: fx.Node, source: fx.Node) -> tuple[str, ...]:
 
 
 def _activation(gm: fx.GraphModule, lin: fx.Node) -> object:
+    """The tensor a linear reads, behind device moves: accelerate's hooks (``device_map``)
+    give every module its own ``x.to(device)``, which must not make q/k/v look like
+    cross-attention (reading different tensors)."""
     ops = linear_operands(gm, lin)
-    return lin.args[ops[0]] if ops else None
+    return _behind_device_moves(lin.args[ops[0]]) if ops else None
+
+
+def _behind_device_moves(x: object) -> object:
+    for _ in range(MAX_TRACE_NODES):
+        if not (isinstance(x, fx.Node) and x.op == "call_method" and x.target == "to"):
+            break
+        moves_only = all(isinstance(a, (str, torch.device)) for a in x.args[1:]) and set(
+            x.kwargs
+        ) <= {"device", "non_blocking", "copy"}
+        if not moves_only or not isinstance(x.args[0], fx.Node):
+            break
+        x = x.args[0]
+    return x
 
 
 def _feature_count(weight: object, node: fx.Node, index: int) -> int | None:

@@ -4,8 +4,10 @@ For each site and each calibration batch, the quantized sequence ``z`` (sinks, t
 tokens, after the site's feature rotation: exactly what the quantizer sees) is fake-quantized at
 every candidate ratio and every bit width the plan can give a token, and the squared error of
 each token is summed over batches. The transforms and rotations are orthonormal, so a token's
-error in ``z`` is its share of the site's output error, and tokens are quantized independently:
-the error of any ratio pair is a sum over tokens. So the ratio of the tokens below
+error in ``z`` is its share of the site's output error (exactly when the transformed tokens fill
+whole Haar blocks; a zero-padded tail's error is partly dropped by the inverse, which makes the
+measure a close proxy there), and tokens are quantized independently: the error of any ratio
+pair is a sum over tokens. So the ratio of the tokens below
 ``high_bits`` and the ratio of those at it are chosen apart, each the one of least summed error
 over its tokens at the widths the final plan gives them (solver bands included). Ties keep the
 wider range, so 1 (plain min-max) stays unless a ratio is strictly better.

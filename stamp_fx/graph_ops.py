@@ -129,7 +129,9 @@ _FQN_NOISE = {"__dict__", "_modules"}
 def normalize_path(path: str) -> str:
     """Dynamo source path -> module FQN: ``"L['self'].__dict__['_modules']['blocks'][0].attn"``
     and ``"L['args'][0].model.layers.0.q_proj"`` become ``"blocks.0.attn"`` / ``"model.layers.0.q_proj"``."""
-    rest = _FQN_SOURCE.sub("", path)
+    # accelerate's hooks (device_map, offload) call ``module._old_forward``, the original
+    # bound forward: Dynamo's source then runs through ``._old_forward.__self__`` (the module).
+    rest = _FQN_SOURCE.sub("", path).replace("._old_forward.__self__", "")
     parts = [next(g for g in m.groups() if g is not None) for m in _FQN_PART.finditer(rest)]
     return ".".join(p for p in parts if p not in _FQN_NOISE)
 

@@ -208,9 +208,14 @@ class SitePolicy:
         return feature_rotation(self.apply_sequence(rotated, seq_dim, tensors), block, True)
 
     def apply_sequence(
-        self, x: Tensor, seq_dim: int, tensors: Mapping[str, Tensor] | None = None
+        self,
+        x: Tensor,
+        seq_dim: int,
+        tensors: Mapping[str, Tensor] | None = None,
+        reduce_range=None,
     ) -> Tensor:
-        """The sequence-transform fake quantization alone (``stamp::fake_quant``)."""
+        """The sequence-transform fake quantization alone (``stamp::fake_quant``);
+        ``reduce_range``: tensor parallelism's range combiner (``stamp::fake_quant_sharded``)."""
         t = self.make_transform(tensors)
         bits = self.bit_vector(t, x.shape[seq_dim])
         return stamp_fake_quant_ref(
@@ -222,6 +227,7 @@ class SitePolicy:
             group_size=self.group_size,
             seq_dim=seq_dim,
             clip=self.clip_vector(bits),
+            reduce_range=reduce_range,
         )
 
     def describe(self) -> str:

@@ -13,6 +13,11 @@ which bit widths may vary; every other dim is a batch dim.
   the step is taken (``lo * c``, ``hi * c``; symmetric ``max|x| * c``), and codes are clamped to
   the grid, so the values outside the clipped range saturate. ``c = 1`` is exactly min-max.
 
+Tensor parallelism: ``reduce_range(lo, hi) -> (lo, hi)`` (None on one device) combines the
+per-(token, group) range of this rank's feature shard with the other ranks' before the scales are
+formed, so every rank quantizes with the range one device would compute over all features
+(:mod:`stamp_fx.sharded_ops`). Min and max are exact, so the combined range is bit-identical.
+
 Scales and offsets are float32 whatever the input dtype (float64 input stays float64, for
 oracles). A constant token or an all-zero padding token has ``scale == 0``; it is clamped to the
 smallest normal float so it never divides by zero and dequantizes exactly.
@@ -20,7 +25,7 @@ smallest normal float so it never divides by zero and dequantizes exactly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +41,7 @@ __all__ = [
     "BitsSpec",
     "ClipSpec",
     "validate_clip_ratio",
+    "RangeReducer",
     "validate_bits",
     "working_dtype",
     "token_bit_vector",
@@ -76,6 +82,9 @@ class TokenBits:
 
 BitsSpec = int | TokenBits | Sequence[int] | Tensor
 """One width for every token, the compact first-k form, or one width per token."""
+
+RangeReducer = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+"""``(lo, hi) -> (lo, hi)``: the range over every rank's feature shard (see the module docstring)."""
 
 
 def token_bit_vector(bits: BitsSpec, length: int) -> list[int]:
@@ -179,9 +188,11 @@ def compute_qparams(
     symmetric: bool = False,
     group_size: int | None = None,
     clip: ClipSpec = None,
+    reduce_range: RangeReducer | None = None,
 ) -> QuantParams:
-    """Min-max scales/offsets for ``x`` (see the module docstring for the layout), the range
-    shrunk by ``clip`` where given."""
+    """Min-max scales/offsets for ``x`` (see the module docstring for the layout and
+    ``reduce_range``), the range shrunk by ``clip`` where given (after any reduction, so a
+    sharded token is clipped like the whole one)."""
     pdt = working_dtype(x.dtype)
     g = _grouped(x, group_size).to(pdt)
     b = _bits_tensor(bits, x, token_dim)
@@ -190,6 +201,8 @@ def compute_qparams(
     if symmetric:
         qmax = torch.exp2(b - 1) - 1
         amax = g.abs().amax(-1, keepdim=True)
+        if reduce_range is not None:
+            amax = reduce_range(-amax, amax)[1]
         if c is not None:
             amax = amax * c.to(amax.device)
         scale = (amax / qmax).clamp_min(tiny)
@@ -197,6 +210,8 @@ def compute_qparams(
     qmax = torch.exp2(b) - 1
     lo = g.amin(-1, keepdim=True)
     hi = g.amax(-1, keepdim=True)
+    if reduce_range is not None:
+        lo, hi = reduce_range(lo, hi)
     if c is not None:
         lo, hi = lo * c.to(lo.device), hi * c.to(hi.device)
     scale = ((hi - lo) / qmax).clamp_min(tiny)
@@ -223,10 +238,12 @@ def fake_quant(
     symmetric: bool = False,
     group_size: int | None = None,
     clip: ClipSpec = None,
+    reduce_range: RangeReducer | None = None,
 ) -> Tensor:
     """Quantize then dequantize ``x`` with per-token (per-group) min-max ranges (shrunk by
     ``clip``)."""
     params = compute_qparams(
-        x, bits, token_dim=token_dim, symmetric=symmetric, group_size=group_size, clip=clip
-    )
+        x, bits, token_dim=token_dim, symmetric=symmetric, group_size=group_size, clip=clip,
+        reduce_range=reduce_range,
+    )  # fmt: skip
     return dequantize(quantize(x, params, group_size=group_size), params, x.dtype)

@@ -23,6 +23,7 @@ from .config import StampConfig
 from .quantizer import (
     BitsSpec,
     ClipSpec,
+    RangeReducer,
     TokenBits,
     fake_quant,
     token_bit_vector,
@@ -101,12 +102,16 @@ def stamp_fake_quant_ref(
     group_size: int | None = None,
     seq_dim: int = -2,
     clip: ClipSpec = None,
+    reduce_range: RangeReducer | None = None,
 ) -> Tensor:
     """STaMP fake quantization of ``x`` (features in the last dim); see the module docstring.
 
     ``bits`` is an int, a :class:`TokenBits` or one width per token of the quantized sequence
     (``sink_tokens + transform.coefficient_length(S - sink_tokens)`` entries); ``clip`` one
     ratio for all of them or one per token (:mod:`stamp_fx.quantizer`).
+    ``reduce_range`` (tensor parallelism: ``x`` is one rank's feature shard) combines step 3's
+    per-token ranges across the shards (:mod:`stamp_fx.quantizer`); steps 2 and 4 act on each
+    feature column alone, so they need no communication.
     """
     seq_dim = seq_dim % x.ndim
     if seq_dim == x.ndim - 1:
@@ -116,8 +121,9 @@ def stamp_fake_quant_ref(
     s = clamp_sinks(sink_tokens, length)
     z = transformed_tokens(x, t, sink_tokens=s, seq_dim=seq_dim)
     z_hat = fake_quant(
-        z, bits, token_dim=seq_dim, symmetric=symmetric, group_size=group_size, clip=clip
-    )
+        z, bits, token_dim=seq_dim, symmetric=symmetric, group_size=group_size, clip=clip,
+        reduce_range=reduce_range,
+    )  # fmt: skip
     return _untransform(z_hat, t, s, length, seq_dim).to(x.dtype)
 
 

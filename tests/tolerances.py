@@ -86,3 +86,10 @@ CLIP_SEARCH_REL = 1e-4
 """The clip search sums float32 per-token errors in the quantized domain; its brute-force oracle
 computes each ratio pair's whole-site error in float64 through the reference: the chosen pair's
 error may exceed the best one by this relative amount (float32 rounding of near-equal sums)."""
+
+# Tensor parallelism against one process, float64: the row-parallel linears' partial sums are
+# added in another order (float64 rounding, far below a quantization step, so no code moves;
+# measured 0 on the tiny Llama). In float32 the same reordering can move a value across a
+# rounding boundary of a 4-bit code, and that step then propagates through the model: float32
+# runs are therefore compared site by site, not as whole models.
+TP_F64_TOL = {"rtol": 1e-10, "atol": 1e-10}

@@ -11,6 +11,11 @@ K/V at a KV cache update (``site.extra["cache_write"]``, see :mod:`stamp_fx.kv_c
 quantized where the new tokens' K/V are made, and every reader of them (the cache update, so
 the cache stores the quantized value) is rewired: quantize-on-write.
 
+Tensor parallelism: a site whose features are split across ranks (``site.extra["shard"]``,
+:mod:`stamp_fx.sharding`) gets ``stamp::fake_quant_sharded`` (per-token ranges all-reduced) or
+``stamp::fake_quant_gathered`` (features gathered), as :func:`stamp_fx.sharding.shard_strategy`
+decides, so each rank computes its shard of the one-device result.
+
 Padded batches: when the graph has an ``attention_mask`` input (``ctx.padding_mask``; a 4-d
 or float mask is first turned into a ``[batch, seq]`` real-token mask,
 :func:`stamp_fx.padding.real_token_node`) whose ``[batch, seq]`` sizes match a site's, that
@@ -27,17 +32,21 @@ from torch import fx
 from ..analysis import mask_matches
 from ..ops import op_args
 from ..padding import real_token_node
+from ..sharded_ops import fake_quant_gathered_op, fake_quant_sharded_op
+from ..sharding import shard_strategy
 from .context import PassContext, StampMeta
 
 STAMP_OP = torch.ops.stamp.fake_quant.default
 MASKED_OP = torch.ops.stamp.fake_quant_masked.default
 HADAMARD_OP = torch.ops.stamp.hadamard.default
 ROTATE_OP = torch.ops.stamp.rotate.default
+SHARDED_OP = fake_quant_sharded_op._opoverload
+GATHERED_OP = fake_quant_gathered_op._opoverload
 
 
 def _is_stamp(node: object) -> bool:
     return isinstance(node, fx.Node) and (
-        node.target in (STAMP_OP, MASKED_OP, HADAMARD_OP, ROTATE_OP)
+        node.target in (STAMP_OP, MASKED_OP, HADAMARD_OP, ROTATE_OP, SHARDED_OP, GATHERED_OP)
         or node.meta.get("stamp_observer", False)
     )
 
@@ -61,10 +70,13 @@ def _annotate(node: fx.Node, origin: fx.Node, meta: StampMeta, consumer: fx.Node
     node.meta["nn_module_stack"] = consumer.meta.get("nn_module_stack", {})
 
 
-def _insert_quantizer(gm, origin, policy, seq_dim, features, autocorr, mask=None) -> list[fx.Node]:
+def _insert_quantizer(
+    gm, origin, policy, seq_dim, features, autocorr, mask=None, shard=None
+) -> list[fx.Node]:
     """``fake_quant(origin)``, or ``hadamard(fake_quant(hadamard(origin)))`` with a feature
     rotation, inserted right after ``origin``; returns the new nodes, the replacement last.
-    With a padding ``mask`` the quantizer is ``fake_quant_masked(x, mask, ...)``."""
+    With a padding ``mask`` the quantizer is ``fake_quant_masked(x, mask, ...)``; with a
+    feature ``shard`` (tensor parallelism) the strategy's sharded op (module docstring)."""
     block = policy.rotation_block(features) if features else None
     if policy.feature_transform != "none" and block is None:
         raise ValueError(
@@ -72,7 +84,15 @@ def _insert_quantizer(gm, origin, policy, seq_dim, features, autocorr, mask=None
         )
     nodes: list[fx.Node] = []
     current = origin
-    if mask is None:
+    strategy = shard_strategy(shard, policy, masked=mask is not None)
+    if strategy == "gather":  # rotation and masking happen on the gathered features
+        steps = [
+            (GATHERED_OP, (shard.group, block or 0, mask, *op_args(policy, seq_dim), autocorr))
+        ]
+        block = None
+    elif strategy == "reduce":
+        steps = [(SHARDED_OP, (shard.group, *op_args(policy, seq_dim), autocorr))]
+    elif mask is None:
         steps = [(STAMP_OP, (*op_args(policy, seq_dim), autocorr))]
     else:
         steps = [(MASKED_OP, (mask, *op_args(policy, seq_dim), autocorr))]
@@ -160,10 +180,11 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
         if _is_stamp(site.origin):
             already += 1
             continue
-        groups.setdefault((site.origin, policy, site.seq_dim, site.unflatten), []).append(site)
+        key = (site.origin, policy, site.seq_dim, site.unflatten, site.extra.get("shard"))
+        groups.setdefault(key, []).append(site)
 
     inserted = rewired = 0
-    for (origin, policy, seq_dim, unflatten), sites in groups.items():
+    for (origin, policy, seq_dim, unflatten, shard), sites in groups.items():
         flat_origin = None
         if unflatten is not None:  # [B*S, F] -> [B, S, F] here, and back after quantizing
             flat_origin, origin = origin, _unflatten(gm, origin, unflatten)
@@ -176,7 +197,13 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
         meta = StampMeta(
             tuple(s.key for s in sites),
             tuple(s.role for s in sites),
-            policy.describe() + (" padding-mask" if mask is not None else ""),
+            policy.describe()
+            + (" padding-mask" if mask is not None else "")
+            + (
+                f" {shard.describe()}:{shard_strategy(shard, policy, mask is not None)}"
+                if shard
+                else ""
+            ),
         )
         autocorr = (
             None if ctx.observer is not None else _autocorr_node(gm, ctx, policy.autocorr_key)
@@ -188,7 +215,7 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
             new_nodes[0].meta["stamp_observer"] = True
         else:
             new_nodes = _insert_quantizer(
-                gm, origin, policy, seq_dim, sites[0].features, autocorr, mask
+                gm, origin, policy, seq_dim, sites[0].features, autocorr, mask, shard
             )
         for node in new_nodes:
             _annotate(node, origin, meta, sites[0].consumer)
