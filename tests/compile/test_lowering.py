@@ -171,9 +171,14 @@ def test_dynamic_lengths_compile_once_across_auto_level_brackets():
 
     fixed = SitePolicy(levels=2, sink_tokens=1, high_tokens=4)
     auto = SitePolicy(levels=None, high_tokens=8)  # lengths 12..22 all give 1 level
+    # The op's arguments built outside the traced function, as the stamp pass builds them
+    # (constants of the graph): Dynamo tracing the policy's float attributes would make them
+    # graph inputs, whose handling under dynamic=True is Dynamo's business, not the lowering's.
+    fixed_args, auto_args = op_args(fixed, 1), op_args(auto, 1)
 
     def fn(x, y):
-        return fake_quant(x, fixed, 1), fake_quant(y, auto, 1)
+        stamp = torch.ops.stamp.fake_quant
+        return stamp(x, *fixed_args, None), stamp(y, *auto_args, None)
 
     torch._dynamo.reset()
     run = torch.compile(fn, backend=backend, dynamic=True)
