@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from stamp_fx.ops import per_real_row
+from stamp_fx.ops import per_real_row, register_straight_through
 
 from .kernel_choice import haar_kernel_policy
 from .symbolic import haar_levels
@@ -127,21 +127,10 @@ def _(x, mask, levels, sink_tokens, high_tokens, high_bits, low_bits, symmetric,
     return x.new_empty(x.shape)
 
 
-def _straight_through(ctx, grad):
-    return (grad,) + (None,) * 6
-
-
-def _straight_through_masked(ctx, grad):
-    return (grad,) + (None,) * 7
-
-
-def _no_context(ctx, inputs, output) -> None:
-    pass
-
-
-for _op in (haar_fake_quant_op, haar_fake_quant_dynamic_op):
-    _op.register_autograd(_straight_through, setup_context=_no_context)
-haar_fake_quant_masked_op.register_autograd(_straight_through_masked, setup_context=_no_context)
-haar2d_fake_quant_op.register_autograd(
-    lambda ctx, grad: (grad,) + (None,) * 8, setup_context=_no_context
-)
+for _op in (
+    haar_fake_quant_op,
+    haar2d_fake_quant_op,
+    haar_fake_quant_dynamic_op,
+    haar_fake_quant_masked_op,
+):
+    register_straight_through(_op)

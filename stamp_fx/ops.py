@@ -107,9 +107,9 @@ def policy_from_op_args(
     )
 
 
-def _decode(*args) -> tuple[SitePolicy, dict[str, Tensor] | None]:
-    """Both fake-quant ops' policy arguments (ending with ``autocorr``) as a policy and the
-    tensors its transform reads."""
+def decode_op_args(*args) -> tuple[SitePolicy, dict[str, Tensor] | None]:
+    """A fake-quant op's policy arguments (ending with ``autocorr``) as a policy and the
+    tensors its transform reads (every ``stamp::fake_quant*`` op decodes them here)."""
     *fields, autocorr = args
     policy = policy_from_op_args(*fields, autocorr is not None)
     return policy, ({"autocorr": autocorr} if autocorr is not None else None)
@@ -134,7 +134,7 @@ def fake_quant_op(
     clip: list[float],
     autocorr: Tensor | None = None,
 ) -> Tensor:
-    policy, tensors = _decode(
+    policy, tensors = decode_op_args(
         transform, levels, depth_target, grid, sink_tokens, high_tokens, high_bits,
         low_bits, band_edges, band_bits, symmetric, group_size, clip, autocorr,
     )  # fmt: skip
@@ -148,15 +148,23 @@ def _(x, seq_dim, transform, levels, depth_target, grid, sink_tokens, high_token
     return x.new_empty(x.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def register_straight_through(op) -> None:
+    """Give the custom op ``op`` fake quantization's straight-through gradient: its first
+    input's gradient passes unchanged, every other input gets none. The count of the others
+    comes from the op's schema, so adding an argument cannot leave a stale count behind."""
+    others = len(op._opoverload._schema.arguments) - 1
+
+    def backward(ctx, grad):
+        return (grad,) + (None,) * others
+
+    op.register_autograd(backward, setup_context=_no_context)
+
+
+def _no_context(ctx, inputs, output) -> None:
     pass
 
 
-def _straight_through(ctx, grad):
-    return (grad,) + (None,) * 15
-
-
-fake_quant_op.register_autograd(_straight_through, setup_context=_setup_context)
+register_straight_through(fake_quant_op)
 
 
 def per_real_row(
@@ -215,7 +223,7 @@ def fake_quant_masked_op(
     clip: list[float],
     autocorr: Tensor | None = None,
 ) -> Tensor:
-    policy, tensors = _decode(
+    policy, tensors = decode_op_args(
         transform, levels, depth_target, grid, sink_tokens, high_tokens, high_bits,
         low_bits, band_edges, band_bits, symmetric, group_size, clip, autocorr,
     )  # fmt: skip
@@ -228,11 +236,7 @@ def _(x, mask, seq_dim, transform, levels, depth_target, grid, sink_tokens, high
     return x.new_empty(x.shape)
 
 
-def _straight_through_masked(ctx, grad):
-    return (grad,) + (None,) * 16
-
-
-fake_quant_masked_op.register_autograd(_straight_through_masked, setup_context=_setup_context)
+register_straight_through(fake_quant_masked_op)
 
 
 @torch.library.custom_op("stamp::hadamard", mutates_args=())

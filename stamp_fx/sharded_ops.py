@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .ops import masked_apply, policy_from_op_args
+from .ops import decode_op_args, masked_apply, register_straight_through
 from .rotations import feature_rotation
 
 __all__ = ["fake_quant_sharded_op", "fake_quant_gathered_op", "group_by_name"]
@@ -36,11 +36,6 @@ def group_by_name(name: str):
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     return _resolve_process_group(name)
-
-
-def _policy(fields: tuple, autocorr: Tensor | None):
-    policy = policy_from_op_args(*fields, autocorr is not None)
-    return policy, ({"autocorr": autocorr} if autocorr is not None else None)
 
 
 def _range_reducer(group):
@@ -75,7 +70,7 @@ def fake_quant_sharded_op(
 ) -> Tensor:
     fields = (transform, levels, depth_target, grid, sink_tokens, high_tokens, high_bits,
               low_bits, band_edges, band_bits, symmetric, group_size, clip)  # fmt: skip
-    policy, tensors = _policy(fields, autocorr)
+    policy, tensors = decode_op_args(*fields, autocorr)
     if policy.group_size is not None:
         raise ValueError(
             "stamp::fake_quant_sharded combines whole-token ranges; per-group ranges inside a "
@@ -109,7 +104,7 @@ def fake_quant_gathered_op(
 ) -> Tensor:
     fields = (transform, levels, depth_target, grid, sink_tokens, high_tokens, high_bits,
               low_bits, band_edges, band_bits, symmetric, group_size, clip)  # fmt: skip
-    policy, tensors = _policy(fields, autocorr)
+    policy, tensors = decode_op_args(*fields, autocorr)
     pg = group_by_name(group)
     local = x.contiguous()
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(pg))]
@@ -139,17 +134,5 @@ def _(x, group, block, mask, seq_dim, *args, **kwargs):
     return x.new_empty(x.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    pass
-
-
-def _straight_through_sharded(ctx, grad):
-    return (grad,) + (None,) * 16
-
-
-def _straight_through_gathered(ctx, grad):
-    return (grad,) + (None,) * 18
-
-
-fake_quant_sharded_op.register_autograd(_straight_through_sharded, setup_context=_setup_context)
-fake_quant_gathered_op.register_autograd(_straight_through_gathered, setup_context=_setup_context)
+register_straight_through(fake_quant_sharded_op)
+register_straight_through(fake_quant_gathered_op)

@@ -272,3 +272,21 @@ def test_masked_kernel_op_equals_the_padded_reference(shape, padding):
         assert torch.equal(out, ref)
     else:
         assert_fused_close(out, ref)
+
+
+def test_every_haar_kernel_op_passes_the_gradient_straight_through():
+    """Each op gets its gradient count from its schema (a hand count went stale when the ops
+    gained ``depth_target``, and backward raised)."""
+    x = randn((2, 1 + 4 * 4, 8), 9).to(DEVICE).requires_grad_()
+    mask = torch.ones(2, 17, dtype=torch.long, device=x.device)
+    policy_args = (1, 4, 8, 4, False, -1)  # sinks .. depth_target, after the levels
+    calls = (
+        lambda: torch.ops.stamp.haar_fake_quant(x, 2, *policy_args),
+        lambda: torch.ops.stamp.haar2d_fake_quant(x, 4, 4, 1, *policy_args),
+        lambda: torch.ops.stamp.haar_fake_quant_dynamic(x, -1, *policy_args),
+        lambda: torch.ops.stamp.haar_fake_quant_masked(x, mask, -1, *policy_args),
+    )
+    for call in calls:
+        x.grad = None
+        call().sum().backward()
+        assert torch.equal(x.grad, torch.ones_like(x))
