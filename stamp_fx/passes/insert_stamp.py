@@ -71,12 +71,13 @@ def _annotate(node: fx.Node, origin: fx.Node, meta: StampMeta, consumer: fx.Node
 
 
 def _insert_quantizer(
-    gm, origin, policy, seq_dim, features, autocorr, mask=None, shard=None
+    gm, origin, policy, seq_dim, features, autocorr, mask=None, shard=None, strategy="local"
 ) -> list[fx.Node]:
     """``fake_quant(origin)``, or ``hadamard(fake_quant(hadamard(origin)))`` with a feature
     rotation, inserted right after ``origin``; returns the new nodes, the replacement last.
     With a padding ``mask`` the quantizer is ``fake_quant_masked(x, mask, ...)``; with a
-    feature ``shard`` (tensor parallelism) the strategy's sharded op (module docstring)."""
+    feature ``shard`` (tensor parallelism) the sharded op of its ``strategy``
+    (:func:`stamp_fx.sharding.shard_strategy`, module docstring)."""
     block = policy.rotation_block(features) if features else None
     if policy.feature_transform != "none" and block is None:
         raise ValueError(
@@ -84,7 +85,6 @@ def _insert_quantizer(
         )
     nodes: list[fx.Node] = []
     current = origin
-    strategy = shard_strategy(shard, policy, masked=mask is not None)
     if strategy == "gather":  # rotation and masking happen on the gathered features
         steps = [
             (GATHERED_OP, (shard.group, block or 0, mask, *op_args(policy, seq_dim), autocorr))
@@ -194,16 +194,13 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
             if real is None:  # once per graph, and only when some site is planned
                 real = ctx.extra["real_tokens"] = real_token_node(gm, ctx.padding_mask)
             mask = real if mask_matches(real, origin, seq_dim) else None
+        strategy = shard_strategy(shard, policy, masked=mask is not None)
         meta = StampMeta(
             tuple(s.key for s in sites),
             tuple(s.role for s in sites),
             policy.describe()
             + (" padding-mask" if mask is not None else "")
-            + (
-                f" {shard.describe()}:{shard_strategy(shard, policy, mask is not None)}"
-                if shard
-                else ""
-            ),
+            + (f" {shard.describe()}:{strategy}" if shard else ""),
         )
         autocorr = (
             None if ctx.observer is not None else _autocorr_node(gm, ctx, policy.autocorr_key)
@@ -215,7 +212,7 @@ def insert_stamp_ops(gm: fx.GraphModule, ctx: PassContext) -> dict:
             new_nodes[0].meta["stamp_observer"] = True
         else:
             new_nodes = _insert_quantizer(
-                gm, origin, policy, seq_dim, sites[0].features, autocorr, mask, shard
+                gm, origin, policy, seq_dim, sites[0].features, autocorr, mask, shard, strategy
             )
         for node in new_nodes:
             _annotate(node, origin, meta, sites[0].consumer)
