@@ -112,9 +112,4 @@ class ClipSearch:
         """The ratio of least summed error (ties keep the earlier, wider one)."""
         if per_token.numel() == 0:
             return 1.0
-        total = per_token.sum(0)
-        best = 0
-        for j in range(1, len(self.ratios)):
-            if total[j] < total[best]:
-                best = j
-        return self.ratios[best]
+        return self.ratios[int(per_token.sum(0).argmin())]  # argmin: the first of equal minima

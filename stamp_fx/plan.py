@@ -234,7 +234,9 @@ class SitePolicy:
         """Short one-liner such as ``haar(J=auto) bits=8x64/4 sinks=1``."""
         if self.transform in ("haar", "haar2d"):
             depth = "auto" if self.levels is None else str(self.levels)
-            if self.levels is None and self.haar_target != max(1, self.high_tokens):
+            if self.levels is None and self.haar_target != resolve_depth_target(
+                None, self.high_tokens
+            ):
                 depth += f"->{self.haar_target}"  # the band aimed at, when not high_tokens
             xf = f"{self.transform}(J={depth})"
         else:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 # The range and its check live in bitwidths (torch-free, for allocation); re-exported here.
-from .bitwidths import MAX_BITS, MIN_BITS, validate_bits
+from .bitwidths import MAX_BITS, MIN_BITS, is_finite_number, validate_bits
 
 __all__ = [
     "MIN_BITS",
@@ -155,8 +155,6 @@ ClipSpec = float | Sequence[float] | None
 def validate_clip_ratio(value: object, name: str = "clip_ratio") -> float:
     """A clip ratio: a number in (0, 1] (1 = the min-max range); raises ``ValueError`` naming
     ``name`` otherwise. The one check for every clip ratio (configs, policies, the search)."""
-    from .bitwidths import is_finite_number
-
     if not is_finite_number(value) or not 0.0 < float(value) <= 1.0:
         raise ValueError(f"{name}: must be a number in (0, 1] (1 = no clipping), got {value!r}")
     return float(value)
@@ -169,7 +167,9 @@ def _clip_tensor(clip: ClipSpec, x: Tensor, token_dim: int) -> Tensor | None:
         return None
     if not isinstance(clip, Sequence):
         ratio = validate_clip_ratio(clip, "clip")
-        return None if ratio == 1.0 else torch.tensor(ratio, dtype=working_dtype(x.dtype))
+        if ratio == 1.0:
+            return None
+        return torch.tensor(ratio, dtype=working_dtype(x.dtype), device=x.device)
     vec = [validate_clip_ratio(c, "clip[i]") for c in clip]
     if len(vec) != x.shape[token_dim]:
         raise ValueError(f"clip has {len(vec)} entries but the sequence has {x.shape[token_dim]}")
@@ -204,7 +204,7 @@ def compute_qparams(
         if reduce_range is not None:
             amax = reduce_range(-amax, amax)[1]
         if c is not None:
-            amax = amax * c.to(amax.device)
+            amax = amax * c
         scale = (amax / qmax).clamp_min(tiny)
         return QuantParams(scale, torch.zeros_like(scale), -qmax, qmax, True)
     qmax = torch.exp2(b) - 1
@@ -213,7 +213,7 @@ def compute_qparams(
     if reduce_range is not None:
         lo, hi = reduce_range(lo, hi)
     if c is not None:
-        lo, hi = lo * c.to(lo.device), hi * c.to(hi.device)
+        lo, hi = lo * c, hi * c
     scale = ((hi - lo) / qmax).clamp_min(tiny)
     return QuantParams(scale, lo, torch.zeros_like(qmax), qmax, False)
 
