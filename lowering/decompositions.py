@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from stamp_fx.plan import SitePolicy
-from stamp_fx.quantizer import working_dtype
+from stamp_fx.quantizer import code_max, working_dtype
 from stamp_fx.rotations import feature_rotation
 from stamp_fx.transforms import block_hadamard
 
@@ -95,11 +95,6 @@ def _band_bound(edge: float, n: IntLike, like: Tensor) -> IntLike | Tensor:
     return torch.round(edge * f64_scalar(n, like))
 
 
-def _code_max(bits: int, symmetric: bool) -> int:
-    """Largest integer code of a ``bits``-wide grid (as :mod:`stamp_fx.quantizer` forms it)."""
-    return 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
-
-
 def token_qmax(
     policy: SitePolicy, sinks: IntLike, coeffs: IntLike, *, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
@@ -112,7 +107,7 @@ def token_qmax(
     pos = torch.arange(sinks + coeffs, device=device)
 
     def qmax(bits: int) -> Tensor:
-        return torch.full((), float(_code_max(bits, policy.symmetric)), dtype=dtype, device=device)
+        return torch.full((), float(code_max(bits, policy.symmetric)), dtype=dtype, device=device)
 
     if policy.bands is None:
         return torch.where(pos < policy.high_tokens, qmax(policy.high_bits), qmax(policy.low_bits))
@@ -143,7 +138,7 @@ def _fake_quant_rows(z: Tensor, qmax: Tensor, policy: SitePolicy) -> Tensor:
     clip = None
     if policy.clips:
         # Per token by its width, as SitePolicy.clip_vector: qmax grows with the bits.
-        high = _code_max(policy.high_bits, policy.symmetric)
+        high = code_max(policy.high_bits, policy.symmetric)
         ratio = lambda r: torch.full((), r, dtype=z.dtype, device=z.device)  # noqa: E731
         clip = torch.where(qm >= high, ratio(policy.high_clip_ratio), ratio(policy.clip_ratio))
     if policy.symmetric:

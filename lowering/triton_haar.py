@@ -85,6 +85,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from stamp_fx.bitwidths import validate_bits
 from stamp_fx.plan import SitePolicy
+from stamp_fx.quantizer import code_max
 from stamp_fx.transforms import auto_haar2d_levels, resolve_depth_target
 
 from . import haar_rows, haar_slab
@@ -334,7 +335,7 @@ def _launch(
         if probe
         else None
     )
-    qmax = (lambda b: 2 ** (b - 1) - 1) if symmetric else (lambda b: 2**b - 1)
+    qmax_high, qmax_low = code_max(high_bits, symmetric), code_max(low_bits, symmetric)
     common = {
         "SYMMETRIC": bool(symmetric),
         "PROBE": bool(probe),
@@ -348,7 +349,7 @@ def _launch(
         args = (
             x3, out, part, param, sync, codes if probe else out,
             rows, seq, sinks, coeffs, tiles_per_row, sink_tiles, chunks,
-            x3.stride(0), out.stride(0), high_tokens, qmax(high_bits), qmax(low_bits),
+            x3.stride(0), out.stride(0), high_tokens, qmax_high, qmax_low,
         )  # fmt: skip
         meta = {"D": feats, "LEVELS": tile_log, "V": v, "SUB": sub, "SUBS": block_d // sub}
         meta["GRID_W"] = 0 if grid is None else grid[1]
@@ -358,7 +359,7 @@ def _launch(
             x3, out, part, param, sync, codes if probe else out,
             rows, seq, feats, sinks, coeffs, tiles_per_row, sink_tiles, chunks,
             x3.stride(0), x3.stride(1), out.stride(0), out.stride(1),
-            high_tokens, qmax(high_bits), qmax(low_bits),
+            high_tokens, qmax_high, qmax_low,
         )  # fmt: skip
         meta = {"LEVELS": levels, "BLOCK_D": block_d, "EVEN_D": feats % block_d == 0}
     # Under tracing (Inductor, make_fx) the launch must go through wrap_triton to be recorded;

@@ -44,6 +44,7 @@ __all__ = [
     "RangeReducer",
     "validate_bits",
     "working_dtype",
+    "code_max",
     "token_bit_vector",
     "QuantParams",
     "compute_qparams",
@@ -150,6 +151,13 @@ def _bits_tensor(bits: BitsSpec, x: Tensor, token_dim: int) -> Tensor:
 
 ClipSpec = float | Sequence[float] | None
 """Clip ratio of every token, one per token, or None (min-max, no clipping)."""
+
+
+def code_max(bits: int, symmetric: bool) -> int:
+    """Largest integer code of a ``bits``-wide grid: ``2**(b-1) - 1`` symmetric, ``2**b - 1``
+    asymmetric (the grid :func:`compute_qparams` forms; kernels and decompositions take it
+    from here)."""
+    return 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
 
 
 def validate_clip_ratio(value: object, name: str = "clip_ratio") -> float:

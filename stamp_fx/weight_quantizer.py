@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .quantizer import working_dtype
+from .quantizer import code_max, working_dtype
 
 if TYPE_CHECKING:  # only for annotations: weights imports this module
     from .weights import WeightQuantConfig
@@ -44,19 +44,18 @@ def _groups(w: Tensor, group_size: int | None) -> Tensor:
 
 def code_range(bits: int, symmetric: bool) -> tuple[int, int]:
     """(qmin, qmax) of the integer codes."""
-    if symmetric:
-        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
+    top = code_max(bits, symmetric)
+    return (-top, top) if symmetric else (0, top)
 
 
 def _grid(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor, int, int]:
     """(scale, zero, qmin, qmax) of ranges [lo, hi] (symmetric: amax = max(|lo|, |hi|))."""
     tiny = torch.finfo(lo.dtype).tiny
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
+        qmax = code_max(bits, True)
         scale = (torch.maximum(lo.abs(), hi.abs()) / qmax).clamp_min(tiny)
         return scale, torch.zeros_like(scale), -qmax, qmax
-    qmax = 2**bits - 1
+    qmax = code_max(bits, False)
     scale = ((hi - lo) / qmax).clamp_min(tiny)
     zero = torch.round(-lo / scale).clamp(0, qmax)
     return scale, zero, 0, qmax
